@@ -1,0 +1,14 @@
+"""The `apr` command line: thin commands that parse, build library objects and render."""
+
+import typer
+
+from apr_cli.commands.distill import distill
+
+app = typer.Typer(
+    name="apr",
+    help="Distill a teacher language model into a smaller student.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+app.command()(distill)

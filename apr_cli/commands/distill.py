@@ -1,0 +1,5 @@
+"""`apr distill` (being written)."""
+
+
+def distill() -> None:
+    """Distill a teacher into a student."""
