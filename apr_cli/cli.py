@@ -3,6 +3,7 @@
 import typer
 
 from apr_cli.commands.distill import distill
+from apr_cli.commands.generate import generate
 
 app = typer.Typer(
     name="apr",
@@ -12,3 +13,4 @@ app = typer.Typer(
     add_completion=False,
 )
 app.command()(distill)
+app.command()(generate)

@@ -73,8 +73,11 @@ class ModelConfig:
         head_dim = hf.get("head_dim")
         if head_dim is not None and head_dim * hf["num_attention_heads"] != hf["hidden_size"]:
             raise AprError(f"{source}: head_dim {head_dim} != hidden_size / num_attention_heads")
-        if hf.get("rope_scaling"):
-            raise AprError(f"{source}: rope_scaling is not supported")
+        rope_type = (hf.get("rope_parameters") or {}).get("rope_type", "default")
+        if hf.get("rope_scaling") or rope_type != "default":
+            raise AprError(f"{source}: rope scaling ({rope_type}) is not supported")
+        if hf.get("use_sliding_window"):
+            raise AprError(f"{source}: use_sliding_window is not supported")
         rope_theta = hf.get("rope_theta")
         if rope_theta is None:  # newer transformers nest it under rope_parameters
             rope_theta = (hf.get("rope_parameters") or {}).get("rope_theta", 10000.0)

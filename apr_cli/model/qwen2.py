@@ -121,11 +121,6 @@ class Qwen2ForCausalLM(nn.Module):
             if cfg.tie_word_embeddings
             else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         )
-        inv_freq = 1.0 / (
-            cfg.rope_theta
-            ** (torch.arange(0, cfg.head_dim, 2, dtype=torch.int64).float() / cfg.head_dim)
-        )
-        self.register_buffer("inv_freq", inv_freq, persistent=False)
         self.caches: nn.ModuleList | None = None
 
     @property
@@ -158,16 +153,21 @@ class Qwen2ForCausalLM(nn.Module):
     def clear_cache(self) -> None:
         self.caches = None
 
-    def rope(self, start: int, T: int, dtype: torch.dtype):
-        pos = torch.arange(start, start + T, device=self.inv_freq.device, dtype=torch.float32)
-        freqs = torch.outer(pos, self.inv_freq.float())  # (T, hd/2)
+    def rope(self, start: int, T: int, dtype: torch.dtype, device: torch.device):
+        # Computed per call in fp32 rather than kept as a buffer: a buffer would be cast by
+        # model.to(bfloat16) and left empty by a meta-device build.
+        hd = self.config.head_dim
+        exponent = torch.arange(0, hd, 2, dtype=torch.int64, device=device).float() / hd
+        inv_freq = 1.0 / (self.config.rope_theta**exponent)  # (hd/2,)
+        pos = torch.arange(start, start + T, device=device, dtype=torch.float32)
+        freqs = torch.outer(pos, inv_freq)  # (T, hd/2)
         emb = torch.cat((freqs, freqs), dim=-1)  # (T, hd)
         return emb.cos().to(dtype), emb.sin().to(dtype)
 
     def hidden_states(self, input_ids: torch.Tensor, start: int = 0) -> torch.Tensor:
         """Final-norm hidden states (B, T, hidden); uses the KV cache when one is set up."""
         x = self.model.embed_tokens(input_ids)  # (B, T, C)
-        cos, sin = self.rope(start, input_ids.shape[1], x.dtype)
+        cos, sin = self.rope(start, input_ids.shape[1], x.dtype, x.device)
         for i, layer in enumerate(self.model.layers):
             cache = self.caches[i] if self.caches is not None else None
             x = layer(x, cos, sin, cache, start)

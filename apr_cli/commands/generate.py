@@ -1,0 +1,132 @@
+"""`apr generate`: continue a prompt with a model and print the new tokens."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Any
+
+import torch
+import typer
+
+from apr_cli.commands.common import user_errors
+from apr_cli.errors import AprError
+
+PROMPT = "Prompt"
+SAMPLING = "Sampling"
+RUNTIME = "Runtime"
+
+
+def parse_ids(value: str) -> list[int]:
+    """Token ids from `5,17,42`."""
+    try:
+        ids = [int(x) for x in value.split(",") if x.strip()]
+    except ValueError:
+        raise AprError(f"--prompt-ids {value!r}: expected comma-separated integers") from None
+    if not ids:
+        raise AprError("--prompt-ids: no ids given")
+    return ids
+
+
+def resolve_device(name: str) -> torch.device:
+    """A torch device that exists on this machine."""
+    try:
+        device = torch.device(name)
+    except RuntimeError as e:
+        raise AprError(f"--device {name!r}: {e}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise AprError(f"--device {name}: CUDA is not available on this machine")
+    return device
+
+
+def generate(
+    model: Annotated[
+        str,
+        typer.Argument(help="A model folder (HF layout), a preset name, or a cached hub id."),
+    ],
+    prompt_ids: Annotated[
+        str | None,
+        typer.Option(help="Prompt token ids, comma-separated: 5,17,42.", rich_help_panel=PROMPT),
+    ] = None,
+    prompt: Annotated[
+        str | None,
+        typer.Option(help="Prompt text (needs a tokenizer).", rich_help_panel=PROMPT),
+    ] = None,
+    tokenizer: Annotated[
+        str | None,
+        typer.Option(
+            help="'bytes' or a tokenizer.json; defaults to the model folder's tokenizer.json.",
+            rich_help_panel=PROMPT,
+        ),
+    ] = None,
+    max_new_tokens: Annotated[
+        int, typer.Option(min=0, help="How many tokens to generate.", rich_help_panel=SAMPLING)
+    ] = 32,
+    temperature: Annotated[
+        float,
+        typer.Option(min=0.0, help="0 is greedy; above 0 samples.", rich_help_panel=SAMPLING),
+    ] = 0.0,
+    top_p: Annotated[
+        float,
+        typer.Option(help="Nucleus sampling mass, in (0, 1].", rich_help_panel=SAMPLING),
+    ] = 1.0,
+    seed: Annotated[int, typer.Option(help="Sampling seed.", rich_help_panel=SAMPLING)] = 0,
+    device: Annotated[
+        str, typer.Option(help="torch device: cpu, cuda, cuda:1.", rich_help_panel=RUNTIME)
+    ] = "cpu",
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print one JSON object.", rich_help_panel=RUNTIME)
+    ] = False,
+) -> None:
+    """Generate tokens after a prompt and print their ids (and text, with a tokenizer)."""
+    from apr_cli.model.checkpoint import load_model
+    from apr_cli.model.generate import generate as generate_tokens
+
+    with user_errors():
+        if (prompt_ids is None) == (prompt is None):
+            raise AprError("give exactly one of --prompt-ids and --prompt")
+        dev = resolve_device(device)
+        net, info = load_model(model, device=dev, seed=seed)
+        tok = None
+        if tokenizer is None and info["path"] and (Path(info["path"]) / "tokenizer.json").is_file():
+            tokenizer = str(Path(info["path"]) / "tokenizer.json")
+        if tokenizer is not None:
+            from apr_cli.data.tokenizer import load_tokenizer
+
+            tok = load_tokenizer(tokenizer)
+        if prompt is not None:
+            if tok is None:
+                raise AprError(
+                    "--prompt needs --tokenizer (or a tokenizer.json in the model folder)"
+                )
+            ids = tok.encode(prompt)
+            if not ids:
+                raise AprError("--prompt: the text encodes to no tokens")
+        else:
+            ids = parse_ids(prompt_ids)
+        gen = torch.Generator(device=dev).manual_seed(seed)
+        new = generate_tokens(
+            net,
+            torch.tensor([ids], device=dev),
+            max_new_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            generator=gen,
+        )[0].tolist()
+        text = tok.decode(new) if tok is not None else None
+
+    if as_json:
+        result: dict[str, Any] = {
+            "model": model,
+            "prompt_ids": ids,
+            "new_token_ids": new,
+            "text": text,
+            "temperature": temperature,
+            "top_p": top_p,
+            "seed": seed,
+        }
+        typer.echo(json.dumps(result))
+        return
+    typer.echo("new token ids: " + " ".join(map(str, new)))
+    if text is not None:
+        typer.echo(f"text: {text}")

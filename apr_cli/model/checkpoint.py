@@ -1,0 +1,317 @@
+"""Models in and out: Hugging Face folders, presets, hub ids from the cache; student init."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from apr_cli.errors import AprError
+from apr_cli.model.config import PRESETS, ModelConfig
+from apr_cli.model.qwen2 import Qwen2ForCausalLM, build_model, count_parameters
+
+CONFIG = "config.json"
+WEIGHTS = "model.safetensors"
+INDEX = "model.safetensors.index.json"
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+SAFETENSORS_DTYPES = {
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "F64": torch.float64,
+}
+DTYPE_NAMES = {
+    torch.float32: "float32",
+    torch.float16: "float16",
+    torch.bfloat16: "bfloat16",
+    torch.float64: "float64",
+}
+
+
+def load_model(
+    spec: str,
+    *,
+    dtype: torch.dtype | None = None,
+    device: str | torch.device = "cpu",
+    seed: int = 0,
+) -> tuple[Qwen2ForCausalLM, dict[str, Any]]:
+    """A model from a local folder, a preset name or a cached hub id, and its description."""
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        kind, folder = "local", path
+    elif spec in PRESETS:
+        model = build_model(PRESETS[spec], seed).to(device=device, dtype=dtype or torch.float32)
+        return model, describe(model, spec, "preset", None)
+    elif path.exists():
+        raise AprError(f"model {spec}: is a file; pass the folder holding {CONFIG}")
+    elif HUB_ID.match(spec):
+        kind, folder = "hub", hub_snapshot(spec)
+    else:
+        raise AprError(
+            f"model {spec}: no such folder, and not a preset ({', '.join(sorted(PRESETS))}) "
+            "or a hub id (org/name)"
+        )
+    model = load_checkpoint(folder, dtype=dtype, device=device)
+    return model, describe(model, spec, kind, folder)
+
+
+def describe(model: Qwen2ForCausalLM, spec: str, kind: str, path: Path | None) -> dict[str, Any]:
+    """What the run manifest records about a model."""
+    return {
+        "spec": spec,
+        "kind": kind,
+        "path": str(path.resolve()) if path is not None else None,
+        "config": model.config.to_dict(),
+        "parameters": count_parameters(model),
+        "dtype": DTYPE_NAMES.get(model.output_weight.dtype, str(model.output_weight.dtype)),
+    }
+
+
+def hub_cache_dir() -> Path:
+    """The hub cache, read from the environment now rather than when huggingface_hub loaded."""
+    if os.environ.get("HF_HUB_CACHE"):
+        return Path(os.environ["HF_HUB_CACHE"])
+    if os.environ.get("HF_HOME"):
+        return Path(os.environ["HF_HOME"]) / "hub"
+    from huggingface_hub import constants
+
+    return Path(constants.HF_HUB_CACHE)
+
+
+def hub_snapshot(repo_id: str) -> Path:
+    """The cached snapshot folder of a hub model; never touches the network."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    cache = hub_cache_dir()
+    try:
+        return Path(snapshot_download(repo_id, cache_dir=cache, local_files_only=True))
+    except (LocalEntryNotFoundError, FileNotFoundError):
+        raise AprError(
+            f"model {repo_id}: not a local folder, and not in the hub cache {cache}; download it "
+            f"first with `hf download {repo_id}` (or `huggingface-cli download {repo_id}`), "
+            "then run again (HF_HUB_OFFLINE=1 is fine)"
+        ) from None
+
+
+def read_config(folder: Path) -> ModelConfig:
+    """The ModelConfig of a Hugging Face folder's config.json."""
+    path = folder / CONFIG
+    if not path.is_file():
+        raise AprError(f"{path}: missing (a model folder needs {CONFIG})")
+    try:
+        hf = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise AprError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(hf, dict):
+        raise AprError(f"{path}: expected a JSON object")
+    return ModelConfig.from_hf(hf, source=str(path))
+
+
+def weight_files(folder: Path) -> list[Path]:
+    """The safetensors files of a folder (one file, or every shard its index names)."""
+    index = folder / INDEX
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+            shards = sorted(set(weight_map.values()))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as e:
+            raise AprError(f"{index}: not a valid safetensors index ({e})") from None
+        missing = [s for s in shards if not (folder / s).is_file()]
+        if missing:
+            raise AprError(
+                f"{index}: shard {missing[0]} is missing from {folder}"
+                + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
+            )
+        return [folder / s for s in shards]
+    if (folder / WEIGHTS).is_file():
+        return [folder / WEIGHTS]
+    pickles = sorted(p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES)
+    if pickles:
+        raise AprError(
+            f"{folder}: only pickle checkpoints ({', '.join(pickles)}); refusing to load them "
+            "because unpickling can run arbitrary code. Convert to safetensors first"
+        )
+    raise AprError(f"{folder}: no {WEIGHTS} or {INDEX}")
+
+
+def read_headers(files: list[Path]) -> dict[str, tuple[Path, list[int], str]]:
+    """Every tensor name in the files, with its file, shape and safetensors dtype."""
+    found: dict[str, tuple[Path, list[int], str]] = {}
+    for file in files:
+        try:
+            with safe_open(file, framework="pt") as f:
+                for name in f.keys():  # noqa: SIM118 (safe_open is not a mapping)
+                    sl = f.get_slice(name)
+                    found[name] = (file, list(sl.get_shape()), sl.get_dtype())
+        except (SafetensorError, OSError) as e:
+            raise AprError(f"{file}: not a readable safetensors file ({e})") from None
+    return found
+
+
+def load_checkpoint(
+    folder: Path, *, dtype: torch.dtype | None = None, device: str | torch.device = "cpu"
+) -> Qwen2ForCausalLM:
+    """A model from a Hugging Face folder, every tensor name and shape checked first."""
+    cfg = read_config(folder)
+    found = read_headers(weight_files(folder))
+    with torch.device("meta"):
+        model = Qwen2ForCausalLM(cfg)
+    expected = {k: list(v.shape) for k, v in model.state_dict().items()}
+    missing = [k for k in expected if k not in found]
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise AprError(f"{folder}: tensor {missing[0]} is missing{more}")
+    # A tied lm_head is the embedding again; rotary inv_freq is recomputed from the config.
+    extra = [
+        k
+        for k in found
+        if k not in expected
+        and not (k == "lm_head.weight" and cfg.tie_word_embeddings)
+        and not k.endswith("rotary_emb.inv_freq")
+    ]
+    if extra:
+        more = f" (and {len(extra) - 1} more)" if len(extra) > 1 else ""
+        raise AprError(f"{found[extra[0]][0]}: unexpected tensor {extra[0]}{more}")
+    for name, shape in expected.items():
+        file, got, _ = found[name]
+        if got != shape:
+            raise AprError(f"{file}: tensor {name} has shape {got}, expected {shape}")
+    file_dtype = found["model.embed_tokens.weight"][2]
+    if dtype is None:
+        if file_dtype not in SAFETENSORS_DTYPES:
+            raise AprError(f"{folder}: weights are {file_dtype}; pass a float dtype to load them")
+        dtype = SAFETENSORS_DTYPES[file_dtype]
+
+    # Tensor by tensor, straight into the target dtype and device: the only full copy in memory
+    # is the model itself.
+    device = torch.device(device)
+    state: dict[str, torch.Tensor] = {}
+    by_file: dict[Path, list[str]] = {}
+    for name in expected:
+        by_file.setdefault(found[name][0], []).append(name)
+    for file, names in by_file.items():
+        with safe_open(file, framework="pt", device=str(device)) as f:
+            for name in names:
+                state[name] = f.get_tensor(name).to(dtype)
+    model.load_state_dict(state, assign=True)
+    return model.eval()
+
+
+def save_model(
+    model: Qwen2ForCausalLM,
+    out_dir: str | Path,
+    *,
+    dtype: torch.dtype | None = None,
+    max_shard_bytes: int = 5 * 2**30,
+) -> Path:
+    """Write a model in Hugging Face layout, atomically; returns the folder."""
+    out = Path(out_dir)
+    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / CONFIG).is_file())):
+        raise AprError(f"{out}: exists and is not a model folder; refusing to overwrite it")
+    # The tied lm_head is not in the state dict; the KV cache buffers are not persistent.
+    tensors = {
+        k: v.detach().to(device="cpu", dtype=dtype or v.dtype).contiguous()
+        for k, v in model.state_dict().items()
+    }
+    saved_dtype = dtype or model.output_weight.dtype
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for name, t in tensors.items():
+        nbytes = t.numel() * t.element_size()
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = t
+        size += nbytes
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        hf = model.config.to_hf()
+        hf["torch_dtype"] = DTYPE_NAMES[saved_dtype]
+        (tmp / CONFIG).write_text(json.dumps(hf, indent=2) + "\n")
+        if len(shards) == 1:
+            save_file(shards[0], tmp / WEIGHTS, metadata={"format": "pt"})
+        else:
+            weight_map = {}
+            for i, shard in enumerate(shards, 1):
+                name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+                save_file(shard, tmp / name, metadata={"format": "pt"})
+                weight_map.update(dict.fromkeys(shard, name))
+            total = sum(t.numel() * t.element_size() for t in tensors.values())
+            index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+            (tmp / INDEX).write_text(json.dumps(index, indent=2) + "\n")
+        # Swap in the finished folder: a crash before this leaves only the temp folder behind.
+        old = None
+        if out.exists():
+            old = out.with_name(f"{tmp.name}.old")
+            out.rename(old)
+        tmp.rename(out)
+        if old is not None:
+            shutil.rmtree(old)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def parse_teacher_layers(value: str, num_layers: int) -> list[int]:
+    """Teacher layer indices from `teacher-layers:0,2,4` or `teacher-layers:every-other`."""
+    prefix = "teacher-layers:"
+    if not value.startswith(prefix):
+        raise AprError(
+            f"--student-init {value!r}: expected {prefix}0,2,4,... or {prefix}every-other"
+        )
+    body = value[len(prefix) :].strip()
+    if body == "every-other":
+        return list(range(0, num_layers, 2))
+    try:
+        layers = [int(x) for x in body.split(",")]
+    except ValueError:
+        raise AprError(
+            f"--student-init {value!r}: layers must be comma-separated integers"
+        ) from None
+    check_layers(layers, num_layers, f"--student-init {value!r}")
+    return layers
+
+
+def check_layers(layers: list[int], num_layers: int, source: str) -> None:
+    """Layers must be distinct teacher layers in increasing order."""
+    if not layers:
+        raise AprError(f"{source}: no layers given")
+    bad = [i for i in layers if not 0 <= i < num_layers]
+    if bad:
+        raise AprError(f"{source}: layer {bad[0]} is out of range (teacher has {num_layers})")
+    if any(b <= a for a, b in zip(layers[:-1], layers[1:], strict=True)):
+        raise AprError(f"{source}: layers must be distinct and increasing, got {layers}")
+
+
+def init_student_from_teacher(teacher: Qwen2ForCausalLM, layers: list[int]) -> Qwen2ForCausalLM:
+    """A student that keeps `layers` of the teacher and copies its embeddings, norm and head."""
+    check_layers(layers, teacher.config.num_hidden_layers, "teacher-layers")
+    cfg = teacher.config.with_(num_hidden_layers=len(layers))
+    src = teacher.state_dict()
+    state = {}
+    for name in src:
+        parts = name.split(".")
+        if name.startswith("model.layers."):
+            teacher_layer = int(parts[2])
+            if teacher_layer not in layers:
+                continue
+            parts[2] = str(layers.index(teacher_layer))
+        # clone: training the student must not move the teacher's weights.
+        state[".".join(parts)] = src[name].detach().clone()
+    with torch.device("meta"):
+        student = Qwen2ForCausalLM(cfg)
+    student.load_state_dict(state, assign=True)
+    return student.train(teacher.training)
