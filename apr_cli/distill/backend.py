@@ -1,0 +1,64 @@
+"""Where the math runs: device, precision and determinism, decided once per run."""
+
+from __future__ import annotations
+
+import contextlib
+import random
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from apr_cli.errors import AprError
+
+DEVICES = ("auto", "cuda", "cpu")
+
+
+@dataclass(frozen=True)
+class Backend:
+    device: torch.device
+    autocast_dtype: torch.dtype | None  # bf16 on CUDA; None means plain fp32
+
+    @property
+    def name(self) -> str:
+        return "cuda" if self.device.type == "cuda" else "cpu"
+
+    @property
+    def compute_dtype(self) -> str:
+        return "bfloat16" if self.autocast_dtype is torch.bfloat16 else "float32"
+
+    @property
+    def teacher_dtype(self) -> torch.dtype:
+        """The frozen teacher is stored in the compute dtype: it never needs fp32 master weights."""
+        return self.autocast_dtype or torch.float32
+
+    def autocast(self):
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.autocast_dtype)
+
+    def describe(self) -> dict:
+        info = {"device": str(self.device), "dtype": self.compute_dtype}
+        if self.device.type == "cuda":
+            info["gpu"] = torch.cuda.get_device_name(self.device)
+        return info
+
+
+def select_backend(device: str = "auto") -> Backend:
+    """auto: CUDA (bf16 autocast, TF32 matmuls) when available, else CPU in fp32."""
+    if device not in DEVICES:
+        raise AprError(f"--device: expected one of {', '.join(DEVICES)}, got {device!r}")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise AprError("--device cuda: no CUDA device is visible to torch")
+    if device == "cpu" or not torch.cuda.is_available():
+        return Backend(torch.device("cpu"), None)
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+    return Backend(torch.device("cuda", torch.cuda.current_device()), torch.bfloat16)
+
+
+def seed_everything(seed: int) -> None:
+    """Seed python, numpy and torch so a CPU run is repeatable bit for bit."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)

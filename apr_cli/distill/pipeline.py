@@ -1,0 +1,231 @@
+"""The training loop: a frozen teacher, a student, and batches from any BatchSource."""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass
+from typing import Protocol
+
+import torch
+from torch import nn
+
+from apr_cli.data.source import BatchSource, SyntheticBatchSource
+from apr_cli.distill.backend import Backend, select_backend
+from apr_cli.distill.losses import IGNORE_INDEX, LOSS_KINDS, kd_loss
+from apr_cli.errors import AprError
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 100  # optimizer steps, exactly
+    batch_size: int = 16  # rows per optimizer step, split over grad_accum micro-batches
+    seq_len: int = 64
+    grad_accum: int = 1
+    lr: float = 3e-3  # peak learning rate
+    min_lr_ratio: float = 0.1  # cosine decay ends at lr * min_lr_ratio
+    warmup: int = 10  # linear warm-up steps
+    weight_decay: float = 0.01
+    grad_clip: float = 1.0  # max global gradient norm
+    temperature: float = 3.0
+    alpha: float = 0.7  # weight of the KD term; 1 - alpha weighs CE on the labels
+    loss: str = "forward-kl"
+    beta: float = 0.5  # jsd mixture weight
+    seed: int = 0
+
+    def validate(self, max_seq_len: int | None = None) -> None:
+        """Refuse settings that cannot train, naming the flag."""
+        checks = [
+            (self.steps > 0, f"--steps must be > 0, got {self.steps}"),
+            (self.batch_size > 0, f"--batch-size must be > 0, got {self.batch_size}"),
+            (self.seq_len > 0, f"--seq-len must be > 0, got {self.seq_len}"),
+            (self.grad_accum > 0, f"--grad-accum must be > 0, got {self.grad_accum}"),
+            (
+                self.batch_size % self.grad_accum == 0,
+                f"--batch-size {self.batch_size} is not a multiple of "
+                f"--grad-accum {self.grad_accum}",
+            ),
+            (self.lr > 0 and math.isfinite(self.lr), f"--lr must be > 0, got {self.lr}"),
+            (self.warmup >= 0, f"--warmup must be >= 0, got {self.warmup}"),
+            (self.temperature > 0, f"--temperature must be > 0, got {self.temperature}"),
+            (0.0 <= self.alpha <= 1.0, f"--alpha must be in [0, 1], got {self.alpha}"),
+            (self.loss in LOSS_KINDS, f"--loss must be one of {', '.join(LOSS_KINDS)}"),
+            (0.0 < self.beta < 1.0, f"--beta must be in (0, 1), got {self.beta}"),
+            (self.grad_clip > 0, f"--grad-clip must be > 0, got {self.grad_clip}"),
+        ]
+        if max_seq_len is not None:
+            checks.append(
+                (
+                    self.seq_len <= max_seq_len,
+                    f"--seq-len {self.seq_len} exceeds the models' context of {max_seq_len}",
+                )
+            )
+        for ok, message in checks:
+            if not ok:
+                raise AprError(message)
+
+    def lr_at(self, step: int) -> float:
+        """Linear warm-up to `lr`, then cosine decay to `lr * min_lr_ratio` at the last step."""
+        if step < self.warmup:
+            return self.lr * (step + 1) / self.warmup
+        span = max(1, self.steps - self.warmup - 1)
+        progress = min(1.0, (step - self.warmup) / span)
+        floor = self.lr * self.min_lr_ratio
+        return floor + (self.lr - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class StepMetrics:
+    step: int  # 1-based
+    steps: int
+    loss: float
+    kd_loss: float
+    ce_loss: float
+    lr: float
+    grad_norm: float
+    tokens_per_s: float
+    sec_per_step: float
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    initial_loss: float
+    final_loss: float
+    best_loss: float
+    steps: int
+    tokens: int
+    wall_s: float
+
+    @property
+    def sec_per_step(self) -> float:
+        return self.wall_s / self.steps
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / self.wall_s if self.wall_s > 0 else 0.0
+
+
+class Reporter(Protocol):
+    """Where step metrics go (terminal, log file, metrics.jsonl); the loop does not care."""
+
+    def on_step(self, metrics: StepMetrics) -> None: ...
+
+
+class TrainingDiverged(AprError):
+    def __init__(self, step: int, loss: float):
+        super().__init__(f"loss became {loss} at step {step}; stopping", exit_code=3)
+
+
+class Pipeline:
+    """Trains `student` to match a frozen `teacher` (or the labels alone when teacher is None)."""
+
+    def __init__(
+        self,
+        student: nn.Module,
+        teacher: nn.Module | None,
+        config: TrainConfig,
+        source: BatchSource | None = None,
+        backend: Backend | None = None,
+    ):
+        self.config = config
+        self.backend = backend or select_backend("cpu")
+        self.student = student.to(self.backend.device).train()
+        self.teacher = teacher
+        if teacher is not None:
+            teacher.to(self.backend.device).eval().requires_grad_(False)
+        self.source = source or SyntheticBatchSource(student.config.vocab_size)
+        decay = [p for p in student.parameters() if p.ndim >= 2]
+        no_decay = [p for p in student.parameters() if p.ndim < 2]  # norms and biases
+        self.optimizer = torch.optim.AdamW(
+            [
+                {"params": decay, "weight_decay": config.weight_decay},
+                {"params": no_decay, "weight_decay": 0.0},
+            ],
+            lr=config.lr,
+            betas=(0.9, 0.95),
+            foreach=self.backend.device.type == "cuda",
+        )
+        self.step = 0  # optimizer steps taken
+
+    def with_batch_source(self, source: BatchSource) -> Pipeline:
+        """Train on batches from `source` from now on."""
+        self.source = source
+        return self
+
+    def train(self, reporter: Reporter | None = None) -> TrainResult:
+        """Run the remaining optimizer steps, reporting each one."""
+        losses: list[float] = []
+        start = time.perf_counter()
+        while self.step < self.config.steps:
+            metrics = self.train_step()
+            losses.append(metrics.loss)
+            if reporter is not None:
+                reporter.on_step(metrics)
+        wall = time.perf_counter() - start
+        return TrainResult(
+            initial_loss=losses[0],
+            final_loss=losses[-1],
+            best_loss=min(losses),
+            steps=len(losses),
+            tokens=len(losses) * self.config.batch_size * self.config.seq_len,
+            wall_s=wall,
+        )
+
+    def train_step(self) -> StepMetrics:
+        """One optimizer step over `grad_accum` micro-batches."""
+        cfg, device = self.config, self.backend.device
+        t0 = time.perf_counter()
+        lr = cfg.lr_at(self.step)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        micro = cfg.batch_size // cfg.grad_accum
+        batches = [self.source.next_batch(micro, cfg.seq_len) for _ in range(cfg.grad_accum)]
+        # Weigh micro-batches by their token counts so accumulation equals one big batch.
+        total = max(1, sum(int((labels != IGNORE_INDEX).sum()) for _, labels in batches))
+        self.optimizer.zero_grad(set_to_none=True)
+        sums = torch.zeros(3, device=device)
+        for inputs, labels in batches:
+            inputs, labels = inputs.to(device), labels.to(device)
+            weight = int((labels != IGNORE_INDEX).sum()) / total
+            teacher_logits = self.teacher_logits(inputs)
+            with self.backend.autocast():
+                student_logits = self.student(inputs)  # (B, T, V)
+            parts = kd_loss(
+                student_logits,
+                teacher_logits,
+                labels,
+                kind=cfg.loss,
+                temperature=cfg.temperature,
+                alpha=cfg.alpha,
+                beta=cfg.beta,
+            )
+            (parts.loss * weight).backward()
+            sums += weight * torch.stack([parts.loss, parts.kd, parts.ce]).detach()
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.student.parameters(), cfg.grad_clip)
+        loss, kd, ce = sums.tolist()
+        self.step += 1
+        if not math.isfinite(loss):
+            raise TrainingDiverged(self.step, loss)
+        self.optimizer.step()
+        elapsed = time.perf_counter() - t0
+        return StepMetrics(
+            step=self.step,
+            steps=cfg.steps,
+            loss=loss,
+            kd_loss=kd,
+            ce_loss=ce,
+            lr=lr,
+            grad_norm=float(grad_norm),
+            tokens_per_s=cfg.batch_size * cfg.seq_len / elapsed,
+            sec_per_step=elapsed,
+        )
+
+    def teacher_logits(self, inputs: torch.Tensor) -> torch.Tensor | None:
+        """Teacher logits (B, T, V) with no autograd state at all."""
+        if self.teacher is None:
+            return None
+        with torch.inference_mode(), self.backend.autocast():
+            return self.teacher(inputs)

@@ -1,0 +1,110 @@
+"""The run directory: manifest, victory log, metrics and artifacts of one run."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import asdict
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from apr_cli.distill.pipeline import StepMetrics
+from apr_cli.errors import AprError
+from apr_cli.fsutil import atomic_write_json
+
+MANIFEST = "dispatch.json"
+VICTORY_LOG = "launch-victory.txt"
+METRICS = "metrics.jsonl"
+LOSS_PLOT = "loss.png"
+STUDENT_DIR = "student-trained.apr"
+ARTIFACTS = (MANIFEST, VICTORY_LOG, METRICS, LOSS_PLOT, STUDENT_DIR)
+
+
+def utc_now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def default_run_dir(prefix: str = "distill") -> Path:
+    """runs/PREFIX-YYYYMMDD-HHMMSS in UTC."""
+    return Path("runs") / f"{prefix}-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}"
+
+
+def format_step(m: StepMetrics) -> str:
+    """The one line a step leaves in the terminal and in the victory log."""
+    width = len(str(m.steps))
+    return (
+        f"step {m.step:>{width}}/{m.steps} loss={m.loss:.4f} kd={m.kd_loss:.4f} "
+        f"ce={m.ce_loss:.4f} lr={m.lr:.2e} tok/s={m.tokens_per_s:.0f} "
+        f"sec/step={m.sec_per_step:.3f}"
+    )
+
+
+class RunDirectory:
+    """One run's files. The manifest is rewritten atomically; logs are appended and flushed."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+
+    @classmethod
+    def create(cls, path: Path, overwrite: bool = False) -> RunDirectory:
+        """A fresh run directory; refuses one that already holds a run unless `overwrite`."""
+        run = cls(path)
+        if run.path.exists() and not run.path.is_dir():
+            raise AprError(f"--out {run.path}: exists and is not a directory")
+        previous = run.read_manifest()
+        if previous is not None and not overwrite:
+            status = previous.get("status", "unknown")
+            raise AprError(
+                f"--out {run.path}: already holds a {status} run; "
+                "pass --overwrite to replace it or choose another --out"
+            )
+        run.path.mkdir(parents=True, exist_ok=True)
+        if overwrite:
+            for name in ARTIFACTS:
+                target = run.path / name
+                if target.is_dir():
+                    shutil.rmtree(target)
+                else:
+                    target.unlink(missing_ok=True)
+        return run
+
+    @property
+    def manifest_path(self) -> Path:
+        return self.path / MANIFEST
+
+    @property
+    def student_dir(self) -> Path:
+        return self.path / STUDENT_DIR
+
+    def read_manifest(self) -> dict[str, Any] | None:
+        if not self.manifest_path.is_file():
+            return None
+        try:
+            return json.loads(self.manifest_path.read_text())
+        except json.JSONDecodeError:
+            return {"status": "unreadable"}
+
+    def write_manifest(self, manifest: dict[str, Any]) -> None:
+        atomic_write_json(self.manifest_path, manifest)
+
+    def log(self, line: str) -> None:
+        """Append one line to the victory log, flushed so a crash keeps it."""
+        with open(self.path / VICTORY_LOG, "a") as f:
+            f.write(line + "\n")
+
+    def append_metrics(self, metrics: StepMetrics) -> None:
+        record = asdict(metrics)
+        record.pop("steps")
+        with open(self.path / METRICS, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def artifact_paths(self) -> dict[str, str]:
+        names = {
+            "manifest": MANIFEST,
+            "victory_log": VICTORY_LOG,
+            "metrics": METRICS,
+            "loss_plot": LOSS_PLOT,
+            "student": STUDENT_DIR,
+        }
+        return {key: str(self.path / name) for key, name in names.items()}
