@@ -14,7 +14,6 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemaining
 from apr_cli.commands.common import user_errors
 from apr_cli.distill.losses import LOSS_KINDS
 from apr_cli.distill.pipeline import TrainConfig
-from apr_cli.distill.rundir import default_run_dir
 from apr_cli.distill.run import (
     DEFAULT_STUDENT,
     DEFAULT_TEACHER,
@@ -23,6 +22,7 @@ from apr_cli.distill.run import (
     plan,
     prepare,
 )
+from apr_cli.distill.rundir import default_run_dir
 
 MODELS, DATA, TRAINING, LOSS, RUN = "Models", "Data", "Training", "Loss", "Run"
 DEFAULTS = TrainConfig()
