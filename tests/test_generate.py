@@ -1,0 +1,167 @@
+"""Generation: the KV cache changes nothing but speed; sampling is seeded; the CLI prints ids."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from apr_cli.cli import app
+from apr_cli.errors import AprError
+from apr_cli.model.checkpoint import save_model
+from apr_cli.model.config import ModelConfig
+from apr_cli.model.generate import generate, next_token
+from apr_cli.model.qwen2 import build_model
+
+CFG = ModelConfig(
+    vocab_size=256,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=256,
+    torch_dtype="float32",
+)
+
+
+@pytest.fixture(scope="module")
+def model():
+    m = build_model(CFG, seed=0)
+    with torch.no_grad():  # sharper logits than the 0.02 init, so greedy paths are not all ties
+        for p in m.parameters():
+            if p.dim() == 2:
+                p.mul_(5.0)
+    return m
+
+
+def prompts(batch: int = 2, length: int = 7) -> torch.Tensor:
+    g = torch.Generator().manual_seed(11)
+    return torch.randint(0, CFG.vocab_size, (batch, length), generator=g)
+
+
+def test_cached_logits_match_full_forward(model):
+    x = prompts(2, 20)
+    with torch.no_grad():
+        full = model(x)  # (B, T, V)
+        model.setup_cache(2, 20)
+        try:
+            parts = [model(x[:, :12]), *(model(x[:, t : t + 1], start=t) for t in range(12, 20))]
+        finally:
+            model.clear_cache()
+    assert (torch.cat(parts, dim=1) - full).abs().max().item() < 1e-5
+
+
+def test_greedy_with_cache_equals_rerunning_the_prefix(model):
+    x = prompts()
+    cached = generate(model, x, 64)
+    uncached = generate(model, x, 64, use_cache=False)
+    assert cached.shape == (2, 64) and cached.dtype == torch.long
+    assert torch.equal(cached, uncached)
+    assert len(set(cached[0].tolist())) > 5  # not one token repeated: the check means something
+    assert model.caches is None
+
+
+def test_sampling_is_seeded(model):
+    x = prompts()
+
+    def run(seed: int, use_cache: bool = True) -> torch.Tensor:
+        g = torch.Generator().manual_seed(seed)
+        return generate(model, x, 24, temperature=1.0, generator=g, use_cache=use_cache)
+
+    assert torch.equal(run(1), run(1))
+    assert torch.equal(run(1), run(1, use_cache=False))
+    assert not torch.equal(run(1), run(2))
+    assert not torch.equal(run(1), generate(model, x, 24))
+
+
+def test_tiny_top_p_is_greedy(model):
+    x = prompts()
+    g = torch.Generator().manual_seed(0)
+    sampled = generate(model, x, 16, temperature=1.0, top_p=1e-6, generator=g)
+    assert torch.equal(sampled, generate(model, x, 16))
+
+
+def test_top_p_keeps_the_smallest_prefix_reaching_p():
+    logits = torch.log(torch.tensor([[0.1, 0.5, 0.3, 0.1]])).expand(2000, 4)
+    g = torch.Generator().manual_seed(0)
+    assert set(next_token(logits, 1.0, 0.5, g).tolist()) == {1}
+    drawn = next_token(logits, 1.0, 0.7, g)
+    assert set(drawn.tolist()) == {1, 2}
+    assert 0.55 < (drawn == 1).float().mean().item() < 0.70  # renormalised: 0.5 / 0.8
+    assert set(next_token(logits, 1.0, 1.0, g).tolist()) == {0, 1, 2, 3}
+
+
+def test_zero_new_tokens(model):
+    assert generate(model, prompts(), 0).shape == (2, 0)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(prompt_ids=torch.tensor([[1, 256]])), "token 256 is outside"),
+        (dict(prompt_ids=torch.tensor([1, 2])), "(batch, length)"),
+        (dict(top_p=0.0), "--top-p"),
+        (dict(temperature=-1.0), "--temperature"),
+        (dict(max_new_tokens=300), "max_position_embeddings 256"),
+    ],
+)
+def test_bad_arguments(model, kwargs, message):
+    args = dict(prompt_ids=torch.tensor([[1, 2]]), max_new_tokens=4) | kwargs
+    with pytest.raises(AprError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        generate(model, args.pop("prompt_ids"), args.pop("max_new_tokens"), **args)
+
+
+@pytest.fixture(scope="module")
+def saved(model, tmp_path_factory):
+    return save_model(model, tmp_path_factory.mktemp("gen") / "model")
+
+
+def test_cli_prints_the_new_ids(model, saved):
+    result = CliRunner().invoke(
+        app, ["generate", str(saved), "--prompt-ids", "5,17,42", "--max-new-tokens", "10"]
+    )
+    assert result.exit_code == 0, result.output
+    expected = generate(model, torch.tensor([[5, 17, 42]]), 10)[0].tolist()
+    assert result.stdout == "new token ids: " + " ".join(map(str, expected)) + "\n"
+
+
+def test_cli_json_sampling_is_seeded(saved):
+    args = ["generate", str(saved), "--prompt-ids", "1,2", "--max-new-tokens", "12", "--json"]
+    args += ["--temperature", "0.8", "--top-p", "0.9", "--seed", "3"]
+    first = json.loads(CliRunner().invoke(app, args).stdout)
+    second = json.loads(CliRunner().invoke(app, args).stdout)
+    assert first == second
+    assert first["prompt_ids"] == [1, 2] and len(first["new_token_ids"]) == 12
+    assert first["text"] is None
+
+
+def test_cli_preset_model():
+    result = CliRunner().invoke(
+        app, ["generate", "tiny-student", "--prompt-ids", "7", "--max-new-tokens", "3", "--json"]
+    )
+    assert result.exit_code == 0, result.output
+    assert len(json.loads(result.stdout)["new_token_ids"]) == 3
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["/no/such/model", "--prompt-ids", "1"], "no such folder"),
+        (["tiny-student"], "exactly one of --prompt-ids and --prompt"),
+        (["tiny-student", "--prompt-ids", "1", "--prompt", "hi"], "exactly one of"),
+        (["tiny-student", "--prompt-ids", "1,x"], "comma-separated integers"),
+        (["tiny-student", "--prompt-ids", "9999"], "token 9999 is outside"),
+        (["tiny-student", "--prompt", "hi"], "--prompt needs --tokenizer"),
+        (["tiny-student", "--prompt-ids", "1", "--device", "cuda:0"], "--device"),
+    ],
+)
+def test_cli_errors_are_one_line(args, message):
+    if "cuda:0" in args and torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    result = CliRunner().invoke(app, ["generate", *args])
+    assert result.exit_code == 2
+    assert message in result.stderr
+    assert result.stderr.startswith("error:") and result.stderr.count("\n") == 1
