@@ -134,6 +134,19 @@ def distill(
         float,
         typer.Option(help="JSD mixture weight (--loss jsd), in (0, 1).", rich_help_panel=LOSS),
     ] = DEFAULTS.beta,
+    loss_chunk: Annotated[
+        int,
+        typer.Option(
+            help="Tokens per loss block (bounds logits memory); 0 chooses automatically.",
+            rich_help_panel=LOSS,
+        ),
+    ] = DEFAULTS.loss_chunk,
+    compile_models: Annotated[
+        bool,
+        typer.Option(
+            "--compile", help="torch.compile the models' forward passes.", rich_help_panel=TRAINING
+        ),
+    ] = False,
     out: Annotated[
         Path | None,
         typer.Option(
@@ -178,6 +191,8 @@ def distill(
         loss=loss,
         beta=beta,
         seed=seed,
+        loss_chunk=loss_chunk,
+        compile=compile_models,
     )
     options = DistillOptions(
         teacher=teacher,

@@ -83,3 +83,33 @@ def kd_loss(
     kd = token_divergence(s_logp, t_logp, kind, beta).sum() / n
     loss = alpha * temperature**2 * kd + (1.0 - alpha) * ce
     return LossParts(loss=loss, kd=kd, ce=ce)
+
+
+def distill_loss(
+    student_hidden: torch.Tensor,
+    student_weight: torch.Tensor,
+    teacher_hidden: torch.Tensor | None,
+    teacher_weight: torch.Tensor | None,
+    labels: torch.Tensor,
+    *,
+    kind: str = "forward-kl",
+    temperature: float = 3.0,
+    alpha: float = 0.7,
+    beta: float = 0.5,
+    chunk_tokens: int = 0,
+) -> LossParts:
+    """`kd_loss` from final hidden states (B, T, C) and the (V, C) output projections."""
+    student_logits = F.linear(student_hidden, student_weight)  # (B, T, V_s)
+    teacher_logits = None
+    if teacher_hidden is not None:
+        with torch.no_grad():
+            teacher_logits = F.linear(teacher_hidden, teacher_weight)  # (B, T, V_t)
+    return kd_loss(
+        student_logits,
+        teacher_logits,
+        labels,
+        kind=kind,
+        temperature=temperature,
+        alpha=alpha,
+        beta=beta,
+    )

@@ -12,7 +12,7 @@ from torch import nn
 
 from apr_cli.data.source import BatchSource, SyntheticBatchSource
 from apr_cli.distill.backend import Backend, select_backend
-from apr_cli.distill.losses import IGNORE_INDEX, LOSS_KINDS, kd_loss
+from apr_cli.distill.losses import IGNORE_INDEX, LOSS_KINDS, distill_loss
 from apr_cli.errors import AprError
 
 
@@ -32,6 +32,8 @@ class TrainConfig:
     loss: str = "forward-kl"
     beta: float = 0.5  # jsd mixture weight
     seed: int = 0
+    loss_chunk: int = 0  # tokens per loss block; 0 picks a size that bounds logits memory
+    compile: bool = False  # torch.compile the student's and teacher's forward
 
     def validate(self, max_seq_len: int | None = None) -> None:
         """Refuse settings that cannot train, naming the flag."""
@@ -52,6 +54,7 @@ class TrainConfig:
             (self.loss in LOSS_KINDS, f"--loss must be one of {', '.join(LOSS_KINDS)}"),
             (0.0 < self.beta < 1.0, f"--beta must be in (0, 1), got {self.beta}"),
             (self.grad_clip > 0, f"--grad-clip must be > 0, got {self.grad_clip}"),
+            (self.loss_chunk >= 0, f"--loss-chunk must be >= 0, got {self.loss_chunk}"),
         ]
         if max_seq_len is not None:
             checks.append(
@@ -149,6 +152,10 @@ class Pipeline:
             foreach=self.backend.device.type == "cuda",
         )
         self.step = 0  # optimizer steps taken
+        # Compiled callables share parameters with the modules, which stay plain for saving.
+        self.student_hidden = student.hidden_states
+        if config.compile:
+            self.student_hidden = torch.compile(student.hidden_states)
 
     def with_batch_source(self, source: BatchSource) -> Pipeline:
         """Train on batches from `source` from now on."""
@@ -190,18 +197,21 @@ class Pipeline:
         for inputs, labels in batches:
             inputs, labels = inputs.to(device), labels.to(device)
             weight = int((labels != IGNORE_INDEX).sum()) / total
-            teacher_logits = self.teacher_logits(inputs)
+            teacher_hidden = self.teacher_hidden(inputs)
             with self.backend.autocast():
-                student_logits = self.student(inputs)  # (B, T, V)
-            parts = kd_loss(
-                student_logits,
-                teacher_logits,
-                labels,
-                kind=cfg.loss,
-                temperature=cfg.temperature,
-                alpha=cfg.alpha,
-                beta=cfg.beta,
-            )
+                student_hidden = self.student_hidden(inputs)  # (B, T, C)
+                parts = distill_loss(
+                    student_hidden,
+                    self.student.output_weight,
+                    teacher_hidden,
+                    None if self.teacher is None else self.teacher.output_weight,
+                    labels,
+                    kind=cfg.loss,
+                    temperature=cfg.temperature,
+                    alpha=cfg.alpha,
+                    beta=cfg.beta,
+                    chunk_tokens=cfg.loss_chunk,
+                )
             (parts.loss * weight).backward()
             sums += weight * torch.stack([parts.loss, parts.kd, parts.ce]).detach()
         grad_norm = torch.nn.utils.clip_grad_norm_(self.student.parameters(), cfg.grad_clip)
@@ -223,9 +233,11 @@ class Pipeline:
             sec_per_step=elapsed,
         )
 
-    def teacher_logits(self, inputs: torch.Tensor) -> torch.Tensor | None:
-        """Teacher logits (B, T, V) with no autograd state at all."""
+    def teacher_hidden(self, inputs: torch.Tensor) -> torch.Tensor | None:
+        """Teacher final hidden states (B, T, C_t), computed with no autograd state at all."""
         if self.teacher is None:
             return None
         with torch.inference_mode(), self.backend.autocast():
-            return self.teacher(inputs)
+            hidden = self.teacher.hidden_states(inputs)
+        # Inference tensors cannot be saved for backward; hidden states are small to copy.
+        return hidden.clone()
