@@ -6,6 +6,8 @@ from typing import Any, Protocol, runtime_checkable
 
 import torch
 
+from apr_cli.errors import AprError
+
 
 @runtime_checkable
 class BatchSource(Protocol):
@@ -36,7 +38,7 @@ class SyntheticBatchSource:
 
     def __init__(self, vocab_size: int):
         if vocab_size <= 0:
-            raise ValueError(f"vocab_size must be positive, got {vocab_size}")
+            raise AprError(f"synthetic vocab_size must be positive, got {vocab_size}")
         self.vocab_size = vocab_size
 
     def next_batch(self, batch_size: int, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
