@@ -4,6 +4,7 @@ import typer
 
 from apr_cli.commands.distill import distill
 from apr_cli.commands.generate import generate
+from apr_cli.commands.shards import app as shards_app
 
 app = typer.Typer(
     name="apr",
@@ -14,3 +15,4 @@ app = typer.Typer(
 )
 app.command()(distill)
 app.command()(generate)
+app.add_typer(shards_app, name="shards")
