@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import bisect
+import itertools
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -66,7 +68,8 @@ def _memmap(path: Path, dtype: np.dtype, offset: int, count: int) -> np.ndarray:
     # mmap refuses empty files; an empty shard simply contributes no tokens.
     if count == 0:
         return np.empty(0, dtype=dtype)
-    return np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=(count,))
+    # A plain ndarray view of the map: slicing np.memmap itself costs microseconds of Python each.
+    return np.asarray(np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=(count,)))
 
 
 def read_shards(path: str | Path) -> list[Shard]:
@@ -169,8 +172,8 @@ class ShardBatchSource:
         self.meta = read_meta(self.path)
         # Empty files hold no tokens; keeping them out of the stream keeps the lookup simple.
         self._shards = [s for s in self.files if len(s.tokens)]
-        self._starts = np.cumsum([0] + [len(s.tokens) for s in self._shards])  # (F+1,)
-        self.tokens = int(self._starts[-1])
+        self._starts = list(itertools.accumulate((len(s.tokens) for s in self._shards), initial=0))
+        self.tokens = self._starts[-1]
         if self.tokens == 0:
             raise AprError(f"{self.path}: the .bin files hold no tokens")
         self.vocab_size = vocab_size
@@ -205,18 +208,25 @@ class ShardBatchSource:
                 f"epoch, {self._consumed} used, a batch needs {global_batch} more (wrap is off)"
             )
         self._seq_len = seq_len
-        g = self._consumed + self.rank + self.world_size * np.arange(batch_size)  # (B,)
-        epochs, index = np.divmod(g, n_windows)
-        if self.shuffle:
-            index = np.array(
-                [self._order(e, n_windows)[i] for e, i in zip(epochs, index, strict=True)]
-            )
-        out = np.empty((batch_size, seq_len + 1), dtype=np.int64)  # (B, T+1)
-        for row, k in zip(out, index, strict=True):
-            self._read(int(k) * seq_len, row)
+        # Rows are copied as stored and widened to int64 once, straight into each contiguous result.
+        out = np.empty((batch_size, seq_len + 1), dtype=np.uint32)  # (B, T+1)
+        # Plain Python per row: a handful of int operations cost less than numpy calls on (B,).
+        for j, row in enumerate(out):
+            epoch, k = divmod(self._consumed + self.rank + j * self.world_size, n_windows)
+            if self.shuffle:
+                k = int(self._order(epoch, n_windows)[k])
+            start = k * seq_len
+            f = bisect.bisect_right(self._starts, start) - 1
+            lo = start - self._starts[f]
+            tokens = self._shards[f].tokens
+            if lo + seq_len + 1 <= len(tokens):
+                row[:] = tokens[lo : lo + seq_len + 1]
+            else:
+                self._read(start, row)
         self._consumed += global_batch
-        windows = torch.from_numpy(out)
-        return windows[:, :-1].contiguous(), windows[:, 1:].contiguous()  # (B, T) each
+        inputs = torch.from_numpy(out[:, :-1].astype(np.int64))  # (B, T)
+        labels = torch.from_numpy(out[:, 1:].astype(np.int64))  # (B, T)
+        return inputs, labels
 
     def _order(self, epoch: int, n_windows: int) -> np.ndarray:
         # A batch spans at most two epochs, so the current and next orders are all we keep.
@@ -227,11 +237,11 @@ class ShardBatchSource:
 
     def _read(self, start: int, row: np.ndarray) -> None:
         """Copy tokens [start, start + len(row)) of the stream into row, across files if needed."""
-        f = int(np.searchsorted(self._starts, start, side="right")) - 1
+        f = bisect.bisect_right(self._starts, start) - 1
         filled = 0
         while filled < len(row):
             tokens = self._shards[f].tokens
-            lo = start + filled - int(self._starts[f])
+            lo = start + filled - self._starts[f]
             take = min(len(row) - filled, len(tokens) - lo)
             row[filled : filled + take] = tokens[lo : lo + take]
             filled += take
