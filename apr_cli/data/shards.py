@@ -181,7 +181,7 @@ class ShardBatchSource:
             check_vocab(self._shards, vocab_size)
         self._seq_len: int | None = None
         self._consumed = 0  # global windows handed out, over all ranks and epochs
-        self._orders: dict[int, np.ndarray] = {}
+        self._orders: dict[tuple[int, int], np.ndarray] = {}
 
     def windows_per_epoch(self, seq_len: int) -> int:
         """How many windows of seq_len + 1 tokens one pass over the corpus gives."""
@@ -216,6 +216,7 @@ class ShardBatchSource:
             if self.shuffle:
                 k = int(self._order(epoch, n_windows)[k])
             start = k * seq_len
+            # A window inside one file is the common case, inlined; _read handles the rest.
             f = bisect.bisect_right(self._starts, start) - 1
             lo = start - self._starts[f]
             tokens = self._shards[f].tokens
@@ -229,11 +230,13 @@ class ShardBatchSource:
         return inputs, labels
 
     def _order(self, epoch: int, n_windows: int) -> np.ndarray:
-        # A batch spans at most two epochs, so the current and next orders are all we keep.
-        if epoch not in self._orders:
-            self._orders = {e: o for e, o in self._orders.items() if e >= epoch - 1}
-            self._orders[epoch] = np.random.default_rng((self.seed, epoch)).permutation(n_windows)
-        return self._orders[epoch]
+        # A batch spans at most two epochs, so the previous and current orders are all we keep;
+        # keyed by the window count too, since a reset may change seq_len.
+        key = (epoch, n_windows)
+        if key not in self._orders:
+            self._orders = {k: o for k, o in self._orders.items() if k[0] >= epoch - 1}
+            self._orders[key] = np.random.default_rng((self.seed, epoch)).permutation(n_windows)
+        return self._orders[key]
 
     def _read(self, start: int, row: np.ndarray) -> None:
         """Copy tokens [start, start + len(row)) of the stream into row, across files if needed."""
@@ -281,15 +284,14 @@ class ShardBatchSource:
     def describe(self) -> dict[str, Any]:
         widths = sorted({s.token_width for s in self.files})
         meta = self.meta or {}
+        vocab_size = self.vocab_size if self.vocab_size is not None else meta.get("vocab_size")
         info: dict[str, Any] = {
             "kind": "shards",
             "path": str(self.path),
             "files": len(self.files),
             "tokens": self.tokens,
             "token_width": widths[0] if len(widths) == 1 else widths,
-            "vocab_size": self.vocab_size
-            if self.vocab_size is not None
-            else meta.get("vocab_size"),
+            "vocab_size": vocab_size,
             "wrap": self.wrap,
             "shuffle": self.shuffle,
             "seed": self.seed,
