@@ -20,6 +20,7 @@ from apr_cli.errors import AprError
 
 TOKENIZER_FILE = "tokenizer.json"
 SPLITS = ("train", "val")
+FLUSH_TOKENS = 1 << 20  # tokens buffered per split before a write: 4 MB
 # Reported to the progress callback: (phase, bytes of input files just finished).
 Progress = Callable[[str, int], None]
 
@@ -100,11 +101,22 @@ class _SplitWriter:
     def __init__(self, folder: Path, split: str, shard_tokens: int):
         self.folder, self.split, self.shard_tokens = folder, split, shard_tokens
         self.files: list[str] = []
-        self.tokens = 0
+        self.tokens = 0  # written to disk
         self.documents = 0
+        self._pending: list[np.ndarray] = []
+        self._pending_tokens = 0
 
     def add(self, ids: np.ndarray) -> None:
+        # Buffered, so a corpus of many small documents is not one file open per document.
         self.documents += 1
+        self._pending.append(ids)
+        self._pending_tokens += len(ids)
+        if self._pending_tokens >= FLUSH_TOKENS:
+            self.flush()
+
+    def flush(self) -> None:
+        ids = np.concatenate(self._pending) if self._pending else np.empty(0, RAW_DTYPE)
+        self._pending, self._pending_tokens = [], 0
         while len(ids):
             room = self.shard_tokens - self.tokens % self.shard_tokens
             if room == self.shard_tokens:
@@ -209,6 +221,8 @@ def _build(
         ids = np.asarray(tok.encode(text), dtype=RAW_DTYPE)
         if len(ids):
             writers["val" if is_val(i, val_fraction) else "train"].add(np.concatenate([ids, eos]))
+    for w in writers.values():
+        w.flush()
     if writers["train"].tokens == 0:
         raise AprError(f"inputs {' '.join(inputs)}: no text to train on")
 
