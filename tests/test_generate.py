@@ -9,14 +9,15 @@ import torch
 from typer.testing import CliRunner
 
 from apr_cli.cli import app
+from apr_cli.data.tokenizer import ByteTokenizer, train_bpe
 from apr_cli.errors import AprError
-from apr_cli.model.checkpoint import save_model
+from apr_cli.model.checkpoint import load_model, save_model
 from apr_cli.model.config import ModelConfig
 from apr_cli.model.generate import generate, next_token
 from apr_cli.model.qwen2 import build_model
 
 CFG = ModelConfig(
-    vocab_size=256,
+    vocab_size=320,
     hidden_size=64,
     intermediate_size=128,
     num_hidden_layers=3,
@@ -101,7 +102,7 @@ def test_zero_new_tokens(model):
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        (dict(prompt_ids=torch.tensor([[1, 256]])), "token 256 is outside"),
+        (dict(prompt_ids=torch.tensor([[1, 320]])), "token 320 is outside"),
         (dict(prompt_ids=torch.tensor([1, 2])), "(batch, length)"),
         (dict(top_p=0.0), "--top-p"),
         (dict(temperature=-1.0), "--temperature"),
@@ -146,6 +147,36 @@ def test_cli_preset_model():
     assert len(json.loads(result.stdout)["new_token_ids"]) == 3
 
 
+def test_cli_prompt_text_with_byte_tokenizer(saved):
+    args = ["generate", str(saved), "--prompt", "def f(", "--tokenizer", "bytes"]
+    result = CliRunner().invoke(app, [*args, "--max-new-tokens", "5", "--json"])
+    assert result.exit_code == 0, result.output
+    out = json.loads(result.stdout)
+    assert out["prompt_ids"] == list(b"def f(")
+    assert out["text"] == ByteTokenizer().decode(out["new_token_ids"])
+
+
+def test_cli_refuses_a_tokenizer_bigger_than_the_vocab(tmp_path):
+    out = save_model(build_model(CFG.with_(vocab_size=200)), tmp_path / "small-vocab")
+    args = ["generate", str(out), "--prompt", "x", "--tokenizer", "bytes"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 2
+    assert "257 tokens, more than the model's vocab 200" in result.stderr
+
+
+def test_cli_finds_the_model_folders_tokenizer(tmp_path):
+    model, _ = load_model("tiny-student")
+    out = save_model(model, tmp_path / "model")
+    tok = train_bpe(["def add(a, b):\n    return a + b\n"] * 20, 300, out / "tokenizer.json")
+    result = CliRunner().invoke(
+        app, ["generate", str(out), "--prompt", "def add", "--max-new-tokens", "4"]
+    )
+    assert result.exit_code == 0, result.output
+    ids_line, text_line = result.stdout.splitlines()
+    new = [int(i) for i in ids_line.removeprefix("new token ids: ").split()]
+    assert text_line == "text: " + tok.decode(new)
+
+
 @pytest.mark.parametrize(
     "args, message",
     [
@@ -155,6 +186,7 @@ def test_cli_preset_model():
         (["tiny-student", "--prompt-ids", "1,x"], "comma-separated integers"),
         (["tiny-student", "--prompt-ids", "9999"], "token 9999 is outside"),
         (["tiny-student", "--prompt", "hi"], "--prompt needs --tokenizer"),
+        (["tiny-student", "--prompt", "hi", "--tokenizer", "/no/tok.json"], "not found"),
         (["tiny-student", "--prompt-ids", "1", "--device", "cuda:0"], "--device"),
     ],
 )

@@ -94,6 +94,11 @@ def generate(
             from apr_cli.data.tokenizer import load_tokenizer
 
             tok = load_tokenizer(tokenizer)
+            if tok.vocab_size > net.config.vocab_size:
+                raise AprError(
+                    f"--tokenizer {tokenizer}: {tok.vocab_size} tokens, more than the model's "
+                    f"vocab {net.config.vocab_size}; they were not made for each other"
+                )
         if prompt is not None:
             if tok is None:
                 raise AprError(

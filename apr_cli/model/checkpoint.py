@@ -251,17 +251,18 @@ def save_model(
             total = sum(t.numel() * t.element_size() for t in tensors.values())
             index = {"metadata": {"total_size": total}, "weight_map": weight_map}
             (tmp / INDEX).write_text(json.dumps(index, indent=2) + "\n")
-        # Swap in the finished folder: a crash before this leaves only the temp folder behind.
-        old = None
-        if out.exists():
-            old = out.with_name(f"{tmp.name}.old")
-            out.rename(old)
-        tmp.rename(out)
-        if old is not None:
-            shutil.rmtree(old)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    # Swap in the finished folder: a crash before this leaves only the temp folder behind, and
+    # the previous model stays whole until the new one is in place.
+    if out.exists():
+        old = out.with_name(f"{tmp.name}.old")
+        out.rename(old)
+        tmp.rename(out)
+        shutil.rmtree(old)
+    else:
+        tmp.rename(out)
     return out
 
 
