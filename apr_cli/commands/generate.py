@@ -70,7 +70,12 @@ def generate(
         float,
         typer.Option(help="Nucleus sampling mass, in (0, 1].", rich_help_panel=SAMPLING),
     ] = 1.0,
-    seed: Annotated[int, typer.Option(help="Sampling seed.", rich_help_panel=SAMPLING)] = 0,
+    seed: Annotated[
+        int,
+        typer.Option(
+            help="Seed for sampling and for a preset's weights.", rich_help_panel=SAMPLING
+        ),
+    ] = 0,
     device: Annotated[
         str, typer.Option(help="torch device: cpu, cuda, cuda:1.", rich_help_panel=RUNTIME)
     ] = "cpu",
