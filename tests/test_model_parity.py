@@ -97,6 +97,28 @@ def test_our_checkpoint_loads_into_transformers(tmp_path, name):
     assert diff <= 1e-4
 
 
+def test_llama_checkpoint_loads_with_same_logits(tmp_path):
+    cfg = transformers.LlamaConfig(
+        vocab_size=97,
+        hidden_size=48,
+        intermediate_size=88,
+        num_hidden_layers=2,
+        num_attention_heads=3,
+        num_key_value_heads=1,
+        rope_theta=50000.0,
+        max_position_embeddings=256,
+    )
+    torch.manual_seed(0)
+    ref = transformers.LlamaForCausalLM(cfg).eval()
+    ref.save_pretrained(tmp_path)
+    model, _ = load_model(str(tmp_path))
+    assert not model.config.attention_bias
+    x = ids()
+    assert (ours_logits(model, x) - hf_logits(ref, x)).abs().max().item() <= 1e-4
+    again = transformers.AutoModelForCausalLM.from_pretrained(save_model(model, tmp_path / "ours"))
+    assert (hf_logits(again.eval(), x) - hf_logits(ref, x)).abs().max().item() <= 1e-4
+
+
 def test_sharded_round_trip_and_transformers_reads_the_shards(tmp_path):
     model, _ = load_model("tiny-student", seed=5)
     out = save_model(model, tmp_path / "sharded", max_shard_bytes=200_000)

@@ -78,6 +78,8 @@ class ModelConfig:
             raise AprError(f"{source}: rope scaling ({rope_type}) is not supported")
         if hf.get("use_sliding_window"):
             raise AprError(f"{source}: use_sliding_window is not supported")
+        if hf.get("mlp_bias"):
+            raise AprError(f"{source}: mlp_bias is not supported")
         rope_theta = hf.get("rope_theta")
         if rope_theta is None:  # newer transformers nest it under rope_parameters
             rope_theta = (hf.get("rope_parameters") or {}).get("rope_theta", 10000.0)
