@@ -197,6 +197,10 @@ def test_hub_id_not_cached(hub_cache):
     assert "hf download Qwen/Qwen2.5-Coder-0.5B" in msg
 
 
+def test_invalid_hub_id(hub_cache):
+    assert "not a valid hub id" in load_error("acme/bad..name")
+
+
 def cache_model(cache: Path, repo: str, rev: str = "0123456789abcdef0123456789abcdef01234567"):
     """The layout huggingface_hub writes: refs/main names a snapshot folder."""
     root = cache / f"models--{repo.replace('/', '--')}"

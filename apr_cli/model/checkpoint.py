@@ -90,11 +90,13 @@ def hub_cache_dir() -> Path:
 def hub_snapshot(repo_id: str) -> Path:
     """The cached snapshot folder of a hub model; never touches the network."""
     from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import LocalEntryNotFoundError
+    from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
 
     cache = hub_cache_dir()
     try:
         return Path(snapshot_download(repo_id, cache_dir=cache, local_files_only=True))
+    except HFValidationError as e:
+        raise AprError(f"model {repo_id}: no such folder, and not a valid hub id ({e})") from None
     except (LocalEntryNotFoundError, FileNotFoundError):
         raise AprError(
             f"model {repo_id}: not a local folder, and not in the hub cache {cache}; download it "
