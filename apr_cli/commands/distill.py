@@ -12,16 +12,10 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
 
 from apr_cli.commands.common import user_errors
+from apr_cli.distill import run as run_lib
 from apr_cli.distill.losses import LOSS_KINDS
 from apr_cli.distill.pipeline import TrainConfig
-from apr_cli.distill.run import (
-    DEFAULT_STUDENT,
-    DEFAULT_TEACHER,
-    DistillOptions,
-    execute,
-    plan,
-    prepare,
-)
+from apr_cli.distill.run import DEFAULT_STUDENT, DEFAULT_TEACHER, DistillOptions
 from apr_cli.distill.rundir import default_run_dir
 
 MODELS, DATA, TRAINING, LOSS, RUN = "Models", "Data", "Training", "Loss", "Run"
@@ -29,6 +23,7 @@ DEFAULTS = TrainConfig()
 
 
 def distill(
+    ctx: typer.Context,
     teacher: Annotated[
         str,
         typer.Option(
@@ -155,6 +150,23 @@ def distill(
             rich_help_panel=RUN,
         ),
     ] = None,
+    resume: Annotated[
+        Path | None,
+        typer.Option(
+            help="Continue the run in this directory from its newest checkpoint; only --steps "
+            "(and device or checkpoint settings) may change.",
+            exists=True,
+            file_okay=False,
+            rich_help_panel=RUN,
+        ),
+    ] = None,
+    save_every: Annotated[
+        int,
+        typer.Option(help="Steps between checkpoints (0: only at the end).", rich_help_panel=RUN),
+    ] = DistillOptions.save_every,
+    keep_checkpoints: Annotated[
+        int, typer.Option(help="Checkpoints kept (the newest).", rich_help_panel=RUN)
+    ] = DistillOptions.keep_checkpoints,
     overwrite: Annotated[
         bool,
         typer.Option(help="Replace a run already in --out.", rich_help_panel=RUN),
@@ -201,29 +213,57 @@ def distill(
         dataset=dataset,
         device=device,
         teacher_warmup=teacher_warmup,
+        save_every=save_every,
+        keep_checkpoints=keep_checkpoints,
         train=train,
     )
     lines = Console(file=sys.stderr if json_output else sys.stdout, highlight=False, soft_wrap=True)
+
+    def emit(line: str) -> None:
+        lines.print(line, markup=False)
+
     with user_errors():
-        prepared = prepare(options)
-        if plan_only:
-            render_plan(prepared, json_output, lines)
-            return
+        if resume is not None:
+            prepared, run, manifest, state = run_lib.resume(
+                resume, explicit_options(ctx, options), emit=emit
+            )
+        else:
+            prepared = run_lib.prepare(options)
+            if plan_only:
+                render_plan(prepared, json_output, lines)
+                return
+            run, manifest = run_lib.start(
+                prepared, out or default_run_dir(), overwrite=overwrite, emit=emit
+            )
+            state = None
         for_terminal = lines.is_terminal and not json_output
-        with ProgressBar(lines, steps, for_terminal) as advance:
-            manifest = execute(
-                prepared,
-                out or default_run_dir(),
-                overwrite=overwrite,
-                emit=lambda line: lines.print(line, markup=False),
-                on_progress=advance,
+        with ProgressBar(lines, prepared.options.train.steps, for_terminal) as advance:
+            manifest = run_lib.train_run(
+                prepared, run, manifest, state=state, emit=emit, on_progress=advance
             )
     if json_output:
         typer.echo(json.dumps(manifest, indent=2))
 
 
+# CLI parameters that are not run options, and the one whose name differs.
+NOT_OPTIONS = {"ctx", "resume", "out", "overwrite", "plan_only", "json_output"}
+RENAMED = {"compile_models": "compile"}
+
+
+def explicit_options(ctx: typer.Context, options: DistillOptions) -> dict:
+    """The options the user typed (not defaults): what a resume is asked to change."""
+    values = {**options.to_dict(), **options.train.to_dict()}
+    typed = [
+        RENAMED.get(param.name, param.name)
+        for param in ctx.command.params
+        if param.name not in NOT_OPTIONS
+        and getattr(ctx.get_parameter_source(param.name), "name", None) == "COMMANDLINE"
+    ]
+    return {name: values[name] for name in typed}
+
+
 def render_plan(prepared, json_output: bool, lines: Console) -> None:
-    info = plan(prepared)
+    info = run_lib.plan(prepared)
     if json_output:
         typer.echo(json.dumps(info, indent=2))
         return

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import math
+import random
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -152,6 +155,8 @@ class Pipeline:
             foreach=self.backend.device.type == "cuda",
         )
         self.step = 0  # optimizer steps taken
+        self.losses: list[float] = []  # one per step taken
+        self.train_seconds = 0.0  # time spent in steps, summed over resumed segments
         # Compiled callables share parameters with the modules, which stay plain for saving.
         self.student_hidden = student.hidden_states
         if config.compile:
@@ -162,24 +167,49 @@ class Pipeline:
         self.source = source
         return self
 
-    def train(self, reporter: Reporter | None = None) -> TrainResult:
-        """Run the remaining optimizer steps, reporting each one."""
-        losses: list[float] = []
-        start = time.perf_counter()
+    def train(
+        self, reporter: Reporter | None = None, should_stop: Callable[[], bool] | None = None
+    ) -> TrainResult:
+        """Run the remaining optimizer steps, reporting each; `should_stop` ends early."""
         while self.step < self.config.steps:
             metrics = self.train_step()
-            losses.append(metrics.loss)
             if reporter is not None:
                 reporter.on_step(metrics)
-        wall = time.perf_counter() - start
+            if should_stop is not None and should_stop():
+                break
+        return self.result()
+
+    def result(self) -> TrainResult:
+        """Losses and time over every step taken so far, across resumes."""
         return TrainResult(
-            initial_loss=losses[0],
-            final_loss=losses[-1],
-            best_loss=min(losses),
-            steps=len(losses),
-            tokens=len(losses) * self.config.batch_size * self.config.seq_len,
-            wall_s=wall,
+            initial_loss=self.losses[0],
+            final_loss=self.losses[-1],
+            best_loss=min(self.losses),
+            steps=len(self.losses),
+            tokens=len(self.losses) * self.config.batch_size * self.config.seq_len,
+            wall_s=self.train_seconds,
         )
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to continue bit for bit: weights, optimizer, data, RNG, history."""
+        return {
+            "step": self.step,
+            "student": self.student.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "source": self.source.state_dict(),
+            "rng": rng_state(),
+            "losses": list(self.losses),
+            "train_seconds": self.train_seconds,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.step = state["step"]
+        self.student.load_state_dict(state["student"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.source.load_state_dict(state["source"])
+        set_rng_state(state["rng"])
+        self.losses = list(state["losses"])
+        self.train_seconds = state["train_seconds"]
 
     def train_step(self) -> StepMetrics:
         """One optimizer step over `grad_accum` micro-batches."""
@@ -221,6 +251,8 @@ class Pipeline:
             raise TrainingDiverged(self.step, loss)
         self.optimizer.step()
         elapsed = time.perf_counter() - t0
+        self.losses.append(loss)
+        self.train_seconds += elapsed
         return StepMetrics(
             step=self.step,
             steps=cfg.steps,
@@ -241,3 +273,25 @@ class Pipeline:
             hidden = self.teacher.hidden_states(inputs)
         # Inference tensors cannot be saved for backward; hidden states are small to copy.
         return hidden.clone()
+
+
+def rng_state() -> dict[str, Any]:
+    """Python, numpy, torch (and CUDA) generator states, in types a weights-only load accepts."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    state = {
+        "python": random.getstate(),
+        "numpy": [kind, torch.from_numpy(keys.copy()), pos, has_gauss, gauss],
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    kind, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, keys.numpy(), pos, has_gauss, gauss))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])

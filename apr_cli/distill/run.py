@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
-import json
+import contextlib
+import os
 import platform
+import signal
 import socket
 import subprocess
 import sys
-import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from signal import SIGINT, SIGTERM
 from typing import Any
 
 import torch
@@ -18,9 +21,10 @@ import torch
 import apr_cli
 from apr_cli.data.source import BatchSource, SyntheticBatchSource
 from apr_cli.distill.backend import Backend, seed_everything, select_backend
+from apr_cli.distill.checkpoints import load_latest_checkpoint, save_checkpoint
 from apr_cli.distill.pipeline import Pipeline, StepMetrics, TrainConfig, TrainResult
 from apr_cli.distill.plot import write_loss_plot
-from apr_cli.distill.rundir import RunDirectory, format_step, utc_now
+from apr_cli.distill.rundir import LOSS_PLOT, RunDirectory, format_step, utc_now
 from apr_cli.errors import AprError
 from apr_cli.model.checkpoint import (
     init_student_from_teacher,
@@ -50,7 +54,29 @@ class DistillOptions:
     dataset: Path | None = None
     device: str = "auto"
     teacher_warmup: int | None = None  # None: PRESET_TEACHER_WARMUP for a preset teacher, else 0
+    save_every: int = 1000  # steps between checkpoints (one is always written at the end)
+    keep_checkpoints: int = 2
     train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["dataset"] = None if self.dataset is None else str(self.dataset)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> DistillOptions:
+        fields = {**d, "train": TrainConfig(**d["train"])}
+        fields["dataset"] = None if d["dataset"] is None else Path(d["dataset"])
+        return cls(**fields)
+
+    def validate(self) -> None:
+        self.train.validate()
+        if self.teacher_warmup is not None and self.teacher_warmup < 0:
+            raise AprError(f"--teacher-warmup must be >= 0, got {self.teacher_warmup}")
+        if self.save_every < 0:
+            raise AprError(f"--save-every must be >= 0, got {self.save_every}")
+        if self.keep_checkpoints < 1:
+            raise AprError(f"--keep-checkpoints must be >= 1, got {self.keep_checkpoints}")
 
 
 @dataclass
@@ -76,10 +102,8 @@ class Prepared:
 
 def prepare(options: DistillOptions) -> Prepared:
     """Resolve and check everything a run needs, failing before any file is written."""
+    options.validate()
     cfg = options.train
-    cfg.validate()
-    if options.teacher_warmup is not None and options.teacher_warmup < 0:
-        raise AprError(f"--teacher-warmup must be >= 0, got {options.teacher_warmup}")
     backend = select_backend(options.device)
     seed_everything(cfg.seed)
     teacher, teacher_info = load_model(
@@ -200,21 +224,84 @@ def environment() -> dict[str, Any]:
     }
 
 
-class RunReporter:
-    """Sends each step to the terminal, the victory log and metrics.jsonl."""
+# Settings a resumed run may change: they do not change what the student learns.
+RESUMABLE_CHANGES = {"steps", "device", "save_every", "keep_checkpoints", "loss_chunk", "compile"}
+TEACHER_WARMED = "teacher-warmed.apr"
 
-    def __init__(self, run: RunDirectory, emit: Emit, on_progress: Callable[[], None] | None):
-        self.run, self.emit, self.on_progress = run, emit, on_progress
-        self.losses: list[float] = []
+
+class RunInterrupted(AprError):
+    def __init__(self, signum: int, run_dir: Path, step: int):
+        name = signal.Signals(signum).name
+        super().__init__(
+            f"interrupted by {name} after step {step}; checkpoint saved; "
+            f"continue with: apr distill --resume {run_dir}",
+            exit_code=128 + signum,
+        )
+
+
+class StopSignals:
+    """SIGINT/SIGTERM ask the loop to stop after the current step; a second one exits at once."""
+
+    def __init__(self):
+        self.signum: int | None = None
+
+    def requested(self) -> bool:
+        return self.signum is not None
+
+    def handle(self, signum, frame) -> None:
+        if self.signum is not None:
+            # Every file is replaced atomically, so leaving mid-write corrupts nothing.
+            os._exit(128 + signum)
+        self.signum = signum
+
+    @contextlib.contextmanager
+    def installed(self) -> Iterator[None]:
+        if threading.current_thread() is not threading.main_thread():
+            yield  # signal handlers can only be set from the main thread
+            return
+        previous = {sig: signal.signal(sig, self.handle) for sig in (SIGINT, SIGTERM)}
+        try:
+            yield
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+
+class RunReporter:
+    """Sends each step to the terminal, the victory log and metrics.jsonl; checkpoints."""
+
+    def __init__(
+        self,
+        run: RunDirectory,
+        pipeline: Pipeline,
+        options: DistillOptions,
+        emit: Emit,
+        on_progress: Callable[[], None] | None,
+    ):
+        self.run, self.pipeline, self.options = run, pipeline, options
+        self.emit, self.on_progress = emit, on_progress
 
     def on_step(self, metrics: StepMetrics) -> None:
         line = format_step(metrics)
         self.emit(line)
         self.run.log(line)
         self.run.append_metrics(metrics)
-        self.losses.append(metrics.loss)
+        every = self.options.save_every
+        if every and metrics.step % every == 0 and metrics.step < metrics.steps:
+            self.checkpoint()
         if self.on_progress is not None:
             self.on_progress()
+
+    def checkpoint(self) -> Path:
+        """Save the pipeline and how far the logs had got, so a resume can cut them back."""
+        state = {
+            "pipeline": self.pipeline.state_dict(),
+            "log_bytes": self.run.log_size(),
+            "options": self.options.to_dict(),
+        }
+        return save_checkpoint(
+            self.run.path, self.pipeline.step, state, self.options.keep_checkpoints
+        )
 
 
 def warm_up_teacher(p: Prepared, emit: Emit) -> dict[str, Any] | None:
@@ -244,54 +331,134 @@ def warm_up_teacher(p: Prepared, emit: Emit) -> dict[str, Any] | None:
     return {"steps": steps, "initial_loss": result.initial_loss, "final_loss": result.final_loss}
 
 
-def execute(
-    p: Prepared,
-    out: Path,
-    *,
-    overwrite: bool = False,
-    emit: Emit = print,
-    on_progress: Callable[[], None] | None = None,
-) -> dict[str, Any]:
-    """Train and write the run directory; returns the final manifest."""
+def start(
+    p: Prepared, out: Path, *, overwrite: bool = False, emit: Emit = print
+) -> tuple[RunDirectory, dict[str, Any]]:
+    """Create the run directory and its manifest, and warm up a preset teacher."""
     run = RunDirectory.create(out, overwrite=overwrite)
-    emit(dataset_line(p.options))
-    for w in p.warnings:
-        emit(w)
-    started = time.perf_counter()
     manifest: dict[str, Any] = {
         "status": "running",
         "started_at": utc_now(),
         **environment(),
         "run_dir": str(run.path.resolve()),
+        "options": p.options.to_dict(),
         **plan(p),
         "artifacts": run.artifact_paths(),
     }
     run.write_manifest(manifest)
-    for line in (dataset_line(p.options), *p.warnings):
+
+    def emit_and_log(line: str) -> None:
+        emit(line)
         run.log(line)
-    reporter = RunReporter(run, emit, on_progress)
+
+    for line in (dataset_line(p.options), *p.warnings):
+        emit_and_log(line)
     try:
-        manifest["teacher_warmup"] = warm_up_teacher(p, lambda line: (emit(line), run.log(line)))
-        header = (
-            f"teacher: {p.teacher_info['spec']} ({p.teacher_info['parameters']:,} params) "
-            f"student: {p.student_info['spec']} ({p.student_info['parameters']:,} params) "
-            f"device: {p.backend.name} ({p.backend.compute_dtype})"
-        )
-        emit(header)
-        run.log(header)
-        pipeline = Pipeline(p.student, p.teacher, p.options.train, p.source, p.backend)
-        result = pipeline.train(reporter)
-        save_model(p.student, run.student_dir)
-        write_loss_plot(run.path / "loss.png", reporter.losses)
+        manifest["teacher_warmup"] = warm_up_teacher(p, emit_and_log)
+        if manifest["teacher_warmup"] is not None:
+            # A resumed run must distill from this same teacher, not warm up a new one.
+            save_model(p.teacher, run.path / TEACHER_WARMED)
     except BaseException as e:
-        manifest.update(
-            status="interrupted" if isinstance(e, KeyboardInterrupt) else "failed",
-            error=str(e) or type(e).__name__,
-            finished_at=utc_now(),
-            wall_time_s=time.perf_counter() - started,
-            steps_completed=len(reporter.losses),
+        finish_failed(run, manifest, e, steps_completed=0)
+        raise
+    emit_and_log(
+        f"teacher: {p.teacher_info['spec']} ({p.teacher_info['parameters']:,} params) "
+        f"student: {p.student_info['spec']} ({p.student_info['parameters']:,} params) "
+        f"device: {p.backend.name} ({p.backend.compute_dtype})"
+    )
+    return run, manifest
+
+
+def resume(
+    run_dir: Path, overrides: dict[str, Any], *, emit: Emit = print
+) -> tuple[Prepared, RunDirectory, dict[str, Any], dict[str, Any]]:
+    """Reopen a run at its newest checkpoint; refuse changes that would alter the result."""
+    run = RunDirectory(run_dir)
+    manifest = run.read_manifest()
+    if manifest is None or "options" not in manifest:
+        raise AprError(f"--resume {run_dir}: not a run directory (no readable dispatch.json)")
+    path, checkpoint = load_latest_checkpoint(run.path)
+    saved = DistillOptions.from_dict(checkpoint["options"])
+    options = apply_overrides(saved, overrides)
+    changed = [
+        f"--{name.replace('_', '-')} {new!r} (the run used {old!r})"
+        for name, (old, new) in differences(saved, options).items()
+        if name not in RESUMABLE_CHANGES
+    ]
+    if changed:
+        raise AprError(
+            f"--resume {run_dir}: {'; '.join(changed)} would change the result; "
+            "start a new run instead"
         )
-        run.write_manifest(manifest)
+    step = checkpoint["pipeline"]["step"]
+    if options.train.steps < step:
+        raise AprError(f"--steps {options.train.steps} is below the checkpoint's step {step}")
+    warmed = run.path / TEACHER_WARMED
+    load = replace(options, teacher=str(warmed), teacher_warmup=0) if warmed.is_dir() else options
+    p = prepare(load)
+    p.options = options
+    p.warnings = [w for w in p.warnings if "same model" not in w or not warmed.is_dir()]
+    run.truncate_logs(checkpoint["log_bytes"], step)
+    manifest.update(
+        status="running",
+        options=options.to_dict(),
+        hyperparameters=options.train.to_dict(),
+        backend=p.backend.describe(),
+    )
+    manifest.setdefault("resumed", []).append(
+        {"from_step": step, "checkpoint": str(path), "at": utc_now(), "command": sys.argv}
+    )
+    for key in ("error", "finished_at"):
+        manifest.pop(key, None)
+    run.write_manifest(manifest)
+    for line in (dataset_line(options), f"resumed from {path.name} (step {step})"):
+        emit(line)
+        run.log(line)
+    return p, run, manifest, checkpoint["pipeline"]
+
+
+def apply_overrides(options: DistillOptions, overrides: dict[str, Any]) -> DistillOptions:
+    """`options` with explicitly given settings replaced (train settings by their own names)."""
+    train_fields = set(options.train.to_dict())
+    train = replace(options.train, **{k: v for k, v in overrides.items() if k in train_fields})
+    top = {k: v for k, v in overrides.items() if k not in train_fields}
+    return replace(options, train=train, **top)
+
+
+def differences(a: DistillOptions, b: DistillOptions) -> dict[str, tuple[Any, Any]]:
+    flat_a = {**a.to_dict(), **a.train.to_dict()}
+    flat_b = {**b.to_dict(), **b.train.to_dict()}
+    return {k: (flat_a[k], flat_b[k]) for k in flat_a if k != "train" and flat_a[k] != flat_b[k]}
+
+
+def train_run(
+    p: Prepared,
+    run: RunDirectory,
+    manifest: dict[str, Any],
+    *,
+    state: dict[str, Any] | None = None,
+    emit: Emit = print,
+    on_progress: Callable[[], None] | None = None,
+) -> dict[str, Any]:
+    """Train to the last step (from `state` when resuming), save, and finalize the manifest."""
+    pipeline = Pipeline(p.student, p.teacher, p.options.train, p.source, p.backend)
+    if state is not None:
+        pipeline.load_state_dict(state)
+    reporter = RunReporter(run, pipeline, p.options, emit, on_progress)
+    stop = StopSignals()
+    try:
+        with stop.installed():
+            result = pipeline.train(reporter, should_stop=stop.requested)
+            reporter.checkpoint()
+            if stop.signum is not None:
+                raise RunInterrupted(stop.signum, run.path, pipeline.step)
+        save_model(p.student, run.student_dir)
+        write_loss_plot(run.path / LOSS_PLOT, pipeline.losses)
+    except BaseException as e:
+        if pipeline.losses:
+            manifest.update(summary(pipeline.result()))
+            write_loss_plot(run.path / LOSS_PLOT, pipeline.losses)
+        finish_failed(run, manifest, e, steps_completed=pipeline.step)
         raise
     manifest.update(status="completed", finished_at=utc_now(), **summary(result))
     run.write_manifest(manifest)
@@ -303,6 +470,34 @@ def execute(
         emit(line)
         run.log(line)
     return manifest
+
+
+def finish_failed(
+    run: RunDirectory, manifest: dict[str, Any], error: BaseException, steps_completed: int
+) -> None:
+    """Record why a run stopped early: interrupted by a signal, or failed."""
+    interrupted = isinstance(error, (RunInterrupted, KeyboardInterrupt))
+    manifest.update(
+        status="interrupted" if interrupted else "failed",
+        error=str(error) or type(error).__name__,
+        finished_at=utc_now(),
+        steps_completed=steps_completed,
+    )
+    run.write_manifest(manifest)
+    run.log(f"{manifest['status']}: {manifest['error']}")
+
+
+def execute(
+    p: Prepared,
+    out: Path,
+    *,
+    overwrite: bool = False,
+    emit: Emit = print,
+    on_progress: Callable[[], None] | None = None,
+) -> dict[str, Any]:
+    """A new run: create the run directory, train, save; returns the final manifest."""
+    run, manifest = start(p, out, overwrite=overwrite, emit=emit)
+    return train_run(p, run, manifest, emit=emit, on_progress=on_progress)
 
 
 def summary(result: TrainResult) -> dict[str, Any]:
@@ -317,7 +512,3 @@ def summary(result: TrainResult) -> dict[str, Any]:
         "sec_per_step": result.sec_per_step,
         "tokens_per_s": result.tokens_per_s,
     }
-
-
-def plan_json(p: Prepared) -> str:
-    return json.dumps(plan(p), indent=2)

@@ -11,14 +11,23 @@ from typing import Any
 
 from apr_cli.distill.pipeline import StepMetrics
 from apr_cli.errors import AprError
-from apr_cli.fsutil import atomic_write_json
+from apr_cli.fsutil import atomic_write_bytes, atomic_write_json
 
 MANIFEST = "dispatch.json"
 VICTORY_LOG = "launch-victory.txt"
 METRICS = "metrics.jsonl"
 LOSS_PLOT = "loss.png"
 STUDENT_DIR = "student-trained.apr"
-ARTIFACTS = (MANIFEST, VICTORY_LOG, METRICS, LOSS_PLOT, STUDENT_DIR)
+# Everything a run writes; --overwrite clears exactly these.
+ARTIFACTS = (
+    MANIFEST,
+    VICTORY_LOG,
+    METRICS,
+    LOSS_PLOT,
+    STUDENT_DIR,
+    "checkpoints",
+    "teacher-warmed.apr",
+)
 
 
 def utc_now() -> str:
@@ -38,6 +47,14 @@ def format_step(m: StepMetrics) -> str:
         f"ce={m.ce_loss:.4f} lr={m.lr:.2e} tok/s={m.tokens_per_s:.0f} "
         f"sec/step={m.sec_per_step:.3f}"
     )
+
+
+def step_of(metrics_line: str) -> float:
+    """The step a metrics line records; a line torn by a crash counts as past any step."""
+    try:
+        return json.loads(metrics_line)["step"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        return float("inf")
 
 
 class RunDirectory:
@@ -92,6 +109,21 @@ class RunDirectory:
         """Append one line to the victory log, flushed so a crash keeps it."""
         with open(self.path / VICTORY_LOG, "a") as f:
             f.write(line + "\n")
+
+    def log_size(self) -> int:
+        path = self.path / VICTORY_LOG
+        return path.stat().st_size if path.exists() else 0
+
+    def truncate_logs(self, log_bytes: int, steps: int) -> None:
+        """Cut the log and metrics back to a checkpoint: steps after it will be run again."""
+        log = self.path / VICTORY_LOG
+        if log.exists():
+            atomic_write_bytes(log, log.read_bytes()[:log_bytes])
+        metrics = self.path / METRICS
+        if metrics.exists():
+            lines = metrics.read_text().splitlines(keepends=True)
+            kept = [line for line in lines if step_of(line) <= steps]
+            atomic_write_bytes(metrics, "".join(kept).encode())
 
     def append_metrics(self, metrics: StepMetrics) -> None:
         record = asdict(metrics)
