@@ -1,5 +1,5 @@
 """`python -m apr_cli` runs the `apr` command line."""
 
-from apr_cli.cli import app
+from apr_cli.cli import main
 
-app()
+main()

@@ -1,10 +1,21 @@
 """The `apr` command line: thin commands that parse, build library objects and render."""
 
+from __future__ import annotations
+
+import sys
+
 import typer
 
+from apr_cli.commands.common import fail
 from apr_cli.commands.distill import distill
 from apr_cli.commands.generate import generate
 from apr_cli.commands.shards import app as shards_app
+
+try:  # newer typer vendors click
+    from typer._click.exceptions import ClickException, NoArgsIsHelpError
+    from typer.exceptions import Abort
+except ImportError:  # pragma: no cover
+    from click.exceptions import Abort, ClickException, NoArgsIsHelpError
 
 app = typer.Typer(
     name="apr",
@@ -16,3 +27,16 @@ app = typer.Typer(
 app.command()(distill)
 app.command()(generate)
 app.add_typer(shards_app, name="shards")
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console entry point: usage errors become one red line on stderr, like every other error."""
+    try:
+        code = app(args=argv, prog_name="apr", standalone_mode=False)
+    except NoArgsIsHelpError:  # typer has already printed the help
+        raise SystemExit(2) from None
+    except ClickException as e:
+        raise SystemExit(fail(e.format_message(), e.exit_code).exit_code) from None
+    except Abort:
+        raise SystemExit(fail("aborted", 130).exit_code) from None
+    sys.exit(code if isinstance(code, int) else 0)
