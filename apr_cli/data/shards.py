@@ -187,6 +187,16 @@ class ShardBatchSource:
         """How many windows of seq_len + 1 tokens one pass over the corpus gives."""
         return (self.tokens - 1) // seq_len
 
+    def check_seq_len(self, seq_len: int) -> int:
+        """Windows per epoch at `seq_len`; refuses a corpus shorter than one window."""
+        n_windows = self.windows_per_epoch(seq_len)
+        if n_windows < 1:
+            raise AprError(
+                f"{self.path}: {self.tokens} tokens is shorter than one window of "
+                f"seq_len + 1 = {seq_len + 1} tokens"
+            )
+        return n_windows
+
     def next_batch(self, batch_size: int, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
         if batch_size < 1 or seq_len < 1:
             raise AprError(f"batch size {batch_size} and seq_len {seq_len} must be positive")
@@ -195,12 +205,7 @@ class ShardBatchSource:
                 f"{self.path}: seq_len {seq_len} differs from {self._seq_len} used so far; "
                 "reset() the source to change it"
             )
-        n_windows = self.windows_per_epoch(seq_len)
-        if n_windows < 1:
-            raise AprError(
-                f"{self.path}: {self.tokens} tokens is shorter than one window of "
-                f"seq_len + 1 = {seq_len + 1} tokens"
-            )
+        n_windows = self.check_seq_len(seq_len)
         global_batch = batch_size * self.world_size
         if not self.wrap and self._consumed + global_batch > n_windows:
             raise AprError(

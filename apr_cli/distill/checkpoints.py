@@ -35,15 +35,25 @@ def save_checkpoint(run_dir: Path, step: int, state: dict[str, Any], keep: int) 
     path = folder / f"step-{step:08d}.pt"
     try:
         atomic_write(path, lambda f: torch.save(state, f))
-    except OSError as e:
+    except (OSError, RuntimeError) as e:  # torch's zip writer reports a failed write as either
         raise AprError(
-            f"checkpoint {path}: could not be written ({e.strerror or e}); "
+            f"checkpoint {path}: could not be written ({os_reason(e)}); "
             "the previous checkpoint is intact",
             exit_code=IO_ERROR_EXIT,
         ) from None
     for old in list_checkpoints(run_dir)[:-keep]:
         old.unlink(missing_ok=True)
     return path
+
+
+def os_reason(error: BaseException) -> str:
+    """The operating system's words for a failed write (e.g. 'No space left on device')."""
+    seen: BaseException | None = error
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.strerror:
+            return seen.strerror
+        seen = seen.__context__
+    return str(error)
 
 
 def load_latest_checkpoint(run_dir: Path) -> tuple[Path, dict[str, Any]]:

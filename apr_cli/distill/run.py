@@ -133,6 +133,7 @@ def prepare(options: DistillOptions) -> Prepared:
         from apr_cli.data.shards import ShardBatchSource
 
         source: BatchSource = ShardBatchSource(options.dataset, vocab_size=vocab)
+        source.check_seq_len(cfg.seq_len)
     else:
         source = SyntheticBatchSource(vocab)
     warnings = []
