@@ -270,10 +270,8 @@ def render_plan(prepared, json_output: bool, lines: Console) -> None:
     mem = info["memory_estimate_bytes"]
     hp = info["hyperparameters"]
     rows = [
-        f"teacher: {info['teacher']['spec']} ({info['teacher']['kind']}, "
-        f"{info['teacher']['parameters']:,} params, {info['teacher']['dtype']})",
-        f"student: {info['student']['spec']} ({info['student']['kind']}, "
-        f"{info['student']['parameters']:,} params)",
+        describe_model("teacher", info["teacher"]),
+        describe_model("student", info["student"]),
         f"teacher warm-up: {info['teacher_warmup_steps']} steps",
         f"data: {json.dumps(info['data'])}",
         f"shared vocab: {info['shared_vocab_size']}",
@@ -288,6 +286,14 @@ def render_plan(prepared, json_output: bool, lines: Console) -> None:
     ]
     for row in rows:
         lines.print(row, markup=False)
+
+
+def describe_model(role: str, info: dict | None) -> str:
+    if info is None:
+        return f"{role}: none"
+    return (
+        f"{role}: {info['spec']} ({info['kind']}, {info['parameters']:,} params, {info['dtype']})"
+    )
 
 
 class ProgressBar:

@@ -48,7 +48,7 @@ Emit = Callable[[str], None]
 class DistillOptions:
     """Everything `apr distill` was asked for, before anything is loaded."""
 
-    teacher: str = DEFAULT_TEACHER
+    teacher: str | None = DEFAULT_TEACHER  # None trains the student on the labels alone
     student: str = DEFAULT_STUDENT
     student_init: str | None = None  # teacher-layers:0,2,... builds the student from the teacher
     dataset: Path | None = None
@@ -85,9 +85,9 @@ class Prepared:
 
     options: DistillOptions
     backend: Backend
-    teacher: Qwen2ForCausalLM
+    teacher: Qwen2ForCausalLM | None
     student: Qwen2ForCausalLM
-    teacher_info: dict[str, Any]
+    teacher_info: dict[str, Any] | None
     student_info: dict[str, Any]
     source: BatchSource
     vocab_size: int  # rows both models share; data ids must stay below it
@@ -95,9 +95,16 @@ class Prepared:
 
     @property
     def teacher_warmup(self) -> int:
+        if self.teacher_info is None:
+            return 0
         if self.options.teacher_warmup is not None:
             return self.options.teacher_warmup
         return PRESET_TEACHER_WARMUP if self.teacher_info["kind"] == "preset" else 0
+
+    @property
+    def verb(self) -> str:
+        """What the run does, for its summary line."""
+        return "Training" if self.teacher is None else "Distillation"
 
 
 def prepare(options: DistillOptions) -> Prepared:
@@ -106,10 +113,14 @@ def prepare(options: DistillOptions) -> Prepared:
     cfg = options.train
     backend = select_backend(options.device)
     seed_everything(cfg.seed)
-    teacher, teacher_info = load_model(
-        options.teacher, dtype=backend.teacher_dtype, device=backend.device, seed=cfg.seed + 1
-    )
+    teacher, teacher_info = None, None
+    if options.teacher is not None:
+        teacher, teacher_info = load_model(
+            options.teacher, dtype=backend.teacher_dtype, device=backend.device, seed=cfg.seed + 1
+        )
     if options.student_init is not None:
+        if teacher is None:
+            raise AprError("--student-init needs a --teacher to take layers from")
         layers = parse_teacher_layers(options.student_init, teacher.config.num_hidden_layers)
         student = init_student_from_teacher(teacher, layers).float()
         student_info = {
@@ -126,8 +137,13 @@ def prepare(options: DistillOptions) -> Prepared:
         student, student_info = load_model(
             options.student, dtype=torch.float32, device=backend.device, seed=cfg.seed
         )
-    vocab = shared_vocab_size(teacher.config.vocab_size, student.config.vocab_size)
-    context = min(teacher.config.max_position_embeddings, student.config.max_position_embeddings)
+    models = [m for m in (teacher, student) if m is not None]
+    vocab = (
+        shared_vocab_size(teacher.config.vocab_size, student.config.vocab_size)
+        if teacher is not None
+        else student.config.vocab_size
+    )
+    context = min(m.config.max_position_embeddings for m in models)
     cfg.validate(max_seq_len=context)
     if options.dataset is not None:
         from apr_cli.data.shards import ShardBatchSource
@@ -137,7 +153,7 @@ def prepare(options: DistillOptions) -> Prepared:
     else:
         source = SyntheticBatchSource(vocab)
     warnings = []
-    if same_model(teacher, student, teacher_info, student_info):
+    if teacher is not None and same_model(teacher, student, teacher_info, student_info):
         warnings.append(
             "warning: teacher and student are the same model: there is nothing to distill"
         )
@@ -164,15 +180,16 @@ def dataset_line(options: DistillOptions) -> str:
 
 def estimate_memory(p: Prepared) -> dict[str, int]:
     """A rough peak: weights, fp32 grads + AdamW moments, activations and logits (bytes)."""
-    cfg, t, s = p.options.train, p.teacher.config, p.student.config
+    cfg, s = p.options.train, p.student.config
+    vocab = max(m.config.vocab_size for m in (p.teacher, p.student) if m is not None)
     tokens = cfg.batch_size // cfg.grad_accum * cfg.seq_len
     act_bytes = 2 if p.backend.autocast_dtype is not None else 4
-    teacher_weights = count_parameters(p.teacher) * act_bytes
+    teacher_weights = count_parameters(p.teacher) * act_bytes if p.teacher is not None else 0
     student_states = count_parameters(p.student) * 16  # weights, grads, two moments, fp32
     # ~16 saved tensors of width hidden per layer and token, for backward.
     activations = tokens * s.hidden_size * s.num_hidden_layers * 16 * act_bytes
     # Student logits, their fp32 copy and softmax, and the teacher's: ~6 (tokens, vocab) fp32.
-    logits = tokens * max(t.vocab_size, s.vocab_size) * 4 * 6
+    logits = tokens * vocab * 4 * 6
     total = teacher_weights + student_states + activations + logits
     return {
         "teacher_weights": teacher_weights,
@@ -362,8 +379,13 @@ def start(
     except BaseException as e:
         finish_failed(run, manifest, e, steps_completed=0)
         raise
+    teacher = (
+        f"{p.teacher_info['spec']} ({p.teacher_info['parameters']:,} params)"
+        if p.teacher_info is not None
+        else "none (cross-entropy on the labels only)"
+    )
     emit_and_log(
-        f"teacher: {p.teacher_info['spec']} ({p.teacher_info['parameters']:,} params) "
+        f"teacher: {teacher} "
         f"student: {p.student_info['spec']} ({p.student_info['parameters']:,} params) "
         f"device: {p.backend.name} ({p.backend.compute_dtype})"
     )
@@ -464,7 +486,7 @@ def train_run(
     manifest.update(status="completed", finished_at=utc_now(), **summary(result))
     run.write_manifest(manifest)
     final = (
-        f"Distillation complete: initial_loss={result.initial_loss:.4f} -> "
+        f"{p.verb} complete: initial_loss={result.initial_loss:.4f} -> "
         f"final_loss={result.final_loss:.4f} ({result.steps} steps, {result.wall_s:.1f} s)"
     )
     for line in (final, f"Output: {run.path}"):
