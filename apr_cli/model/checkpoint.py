@@ -188,8 +188,8 @@ def load_checkpoint(
         file, got, _ = found[name]
         if got != shape:
             raise AprError(f"{file}: tensor {name} has shape {got}, expected {shape}")
-    file_dtype = found["model.embed_tokens.weight"][2]
     if dtype is None:
+        file_dtype = found["model.embed_tokens.weight"][2]
         if file_dtype not in SAFETENSORS_DTYPES:
             raise AprError(f"{folder}: weights are {file_dtype}; pass a float dtype to load them")
         dtype = SAFETENSORS_DTYPES[file_dtype]
@@ -206,7 +206,7 @@ def load_checkpoint(
             for name in names:
                 state[name] = f.get_tensor(name).to(dtype)
     model.load_state_dict(state, assign=True)
-    return model.eval()
+    return model
 
 
 def save_model(
