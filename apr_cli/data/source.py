@@ -34,15 +34,17 @@ class SyntheticBatchSource:
     """Row i is `seq_len` copies of token `i % vocab_size`; labels equal inputs.
 
     Stateless: every call returns the same batch, so any model can learn it (a smoke test).
+    Under data parallelism rank r holds rows r, r + world_size, ... of the global batch.
     """
 
-    def __init__(self, vocab_size: int):
+    def __init__(self, vocab_size: int, rank: int = 0, world_size: int = 1):
         if vocab_size <= 0:
             raise AprError(f"synthetic vocab_size must be positive, got {vocab_size}")
-        self.vocab_size = vocab_size
+        self.vocab_size, self.rank, self.world_size = vocab_size, rank, world_size
 
     def next_batch(self, batch_size: int, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
-        rows = torch.arange(batch_size, dtype=torch.int64) % self.vocab_size  # (B,)
+        global_rows = torch.arange(batch_size, dtype=torch.int64) * self.world_size + self.rank
+        rows = global_rows % self.vocab_size  # (B,)
         inputs = rows[:, None].expand(batch_size, seq_len).contiguous()  # (B, T)
         return inputs, inputs.clone()
 

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import random
 from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 from apr_cli.errors import AprError
 
@@ -18,6 +20,13 @@ DEVICES = ("auto", "cuda", "cpu")
 class Backend:
     device: torch.device
     autocast_dtype: torch.dtype | None  # bf16 on CUDA; None means plain fp32
+    rank: int = 0  # this process's rank under torchrun
+    world_size: int = 1  # processes training together
+
+    @property
+    def is_main(self) -> bool:
+        """Rank 0 alone prints and writes files."""
+        return self.rank == 0
 
     @property
     def name(self) -> str:
@@ -39,22 +48,38 @@ class Backend:
 
     def describe(self) -> dict:
         info = {"device": str(self.device), "dtype": self.compute_dtype}
+        if self.world_size > 1:
+            info["world_size"] = self.world_size
+            info["process_group"] = dist.get_backend()
         if self.device.type == "cuda":
             info["gpu"] = torch.cuda.get_device_name(self.device)
         return info
 
 
 def select_backend(device: str = "auto") -> Backend:
-    """auto: CUDA (bf16 autocast, TF32 matmuls) when available, else CPU in fp32."""
+    """auto: CUDA (bf16 autocast, TF32 matmuls) when available, else CPU in fp32.
+
+    Under torchrun (WORLD_SIZE > 1 in the environment) this joins the process group: nccl on
+    CUDA, gloo on CPU, one GPU per local rank.
+    """
     if device not in DEVICES:
         raise AprError(f"--device: expected one of {', '.join(DEVICES)}, got {device!r}")
     if device == "cuda" and not torch.cuda.is_available():
         raise AprError("--device cuda: no CUDA device is visible to torch")
-    if device == "cpu" or not torch.cuda.is_available():
-        return Backend(torch.device("cpu"), None)
+    use_cuda = device != "cpu" and torch.cuda.is_available()
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size > 1 and not dist.is_initialized():
+        if use_cuda:
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group("nccl" if use_cuda else "gloo")
+    rank = dist.get_rank() if world_size > 1 else 0
+    if not use_cuda:
+        return Backend(torch.device("cpu"), None, rank, world_size)
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
-    return Backend(torch.device("cuda", torch.cuda.current_device()), torch.bfloat16)
+    return Backend(
+        torch.device("cuda", torch.cuda.current_device()), torch.bfloat16, rank, world_size
+    )
 
 
 def seed_everything(seed: int) -> None:

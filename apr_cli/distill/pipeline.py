@@ -14,8 +14,9 @@ import torch
 from torch import nn
 
 from apr_cli.data.source import BatchSource, SyntheticBatchSource
+from apr_cli.distill import parallel as parallel_lib
 from apr_cli.distill.backend import Backend, select_backend
-from apr_cli.distill.losses import IGNORE_INDEX, LOSS_KINDS, distill_loss
+from apr_cli.distill.losses import IGNORE_INDEX, LOSS_KINDS
 from apr_cli.errors import AprError
 
 
@@ -135,32 +136,49 @@ class Pipeline:
         config: TrainConfig,
         source: BatchSource | None = None,
         backend: Backend | None = None,
+        parallel: str = "ddp",
     ):
         self.config = config
         self.backend = backend or select_backend("cpu")
-        self.student = student.to(self.backend.device).train()
+        device, world = self.backend.device, self.backend.world_size
+        self.student = student.to(device).train()
         self.teacher = teacher
         if teacher is not None:
-            teacher.to(self.backend.device).eval().requires_grad_(False)
-        self.source = source or SyntheticBatchSource(student.config.vocab_size)
-        decay = [p for p in student.parameters() if p.ndim >= 2]
-        no_decay = [p for p in student.parameters() if p.ndim < 2]  # norms and biases
+            teacher.to(device).eval().requires_grad_(False)
+            if parallel == "fsdp" and world > 1:
+                parallel_lib.shard_teacher(teacher)
+        self.sharded_teacher = teacher is not None and parallel == "fsdp" and world > 1
+        # Compiled callables share parameters with the modules, which stay plain for saving.
+        self.teacher_forward = None if teacher is None else teacher.hidden_states
+        if teacher is not None and config.compile:
+            self.teacher_forward = torch.compile(teacher.hidden_states)
+        self.source = source or SyntheticBatchSource(
+            student.config.vocab_size, rank=self.backend.rank, world_size=world
+        )
+        # Parameters are wrapped (DDP) or sharded (FSDP2) before the optimizer sees them.
+        self.model = parallel_lib.wrap(
+            parallel_lib.StudentLoss(student, config.compile), self.backend, parallel
+        )
+        params = list(self.model.parameters())
         self.optimizer = torch.optim.AdamW(
             [
-                {"params": decay, "weight_decay": config.weight_decay},
-                {"params": no_decay, "weight_decay": 0.0},
+                {"params": [p for p in params if p.ndim >= 2], "weight_decay": config.weight_decay},
+                {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},  # norms, biases
             ],
             lr=config.lr,
             betas=(0.9, 0.95),
-            foreach=self.backend.device.type == "cuda",
+            foreach=device.type == "cuda",
         )
+        self.loss_options = {
+            "kind": config.loss,
+            "temperature": config.temperature,
+            "alpha": config.alpha,
+            "beta": config.beta,
+            "chunk_tokens": config.loss_chunk,
+        }
         self.step = 0  # optimizer steps taken
         self.losses: list[float] = []  # one per step taken
         self.train_seconds = 0.0  # time spent in steps, summed over resumed segments
-        # Compiled callables share parameters with the modules, which stay plain for saving.
-        self.student_hidden = student.hidden_states
-        if config.compile:
-            self.student_hidden = torch.compile(student.hidden_states)
 
     def with_batch_source(self, source: BatchSource) -> Pipeline:
         """Train on batches from `source` from now on."""
@@ -191,11 +209,15 @@ class Pipeline:
         )
 
     def state_dict(self) -> dict[str, Any]:
-        """Everything needed to continue bit for bit: weights, optimizer, data, RNG, history."""
+        """Everything needed to continue bit for bit: weights, optimizer, data, RNG, history.
+
+        Collective under data parallelism; rank 0's copy is the one to save (the data position
+        is global, so every rank's source holds the same state).
+        """
         return {
             "step": self.step,
-            "student": self.student.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
+            "student": self.student_state(),
+            "optimizer": parallel_lib.full_optimizer_state(self.model, self.optimizer),
             "source": self.source.state_dict(),
             "rng": rng_state(),
             "losses": list(self.losses),
@@ -204,8 +226,8 @@ class Pipeline:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.step = state["step"]
-        self.student.load_state_dict(state["student"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        parallel_lib.load_full_model_state(self.model, state["student"])
+        parallel_lib.load_full_optimizer_state(self.model, self.optimizer, state["optimizer"])
         self.source.load_state_dict(state["source"])
         set_rng_state(state["rng"])
         self.losses = list(state["losses"])
@@ -218,33 +240,32 @@ class Pipeline:
         lr = cfg.lr_at(self.step)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        micro = cfg.batch_size // cfg.grad_accum
+        world = self.backend.world_size
+        micro = cfg.batch_size // (cfg.grad_accum * world)  # rows per rank per micro-batch
         batches = [self.source.next_batch(micro, cfg.seq_len) for _ in range(cfg.grad_accum)]
-        # Weigh micro-batches by their token counts so accumulation equals one big batch.
-        total = max(1, sum(int((labels != IGNORE_INDEX).sum()) for _, labels in batches))
+        # Weigh micro-batches by their share of the global batch's tokens, so accumulation and
+        # data parallelism both equal one big batch; DDP/FSDP average gradients, hence * world.
+        local = sum(int((labels != IGNORE_INDEX).sum()) for _, labels in batches)
+        counts = torch.tensor([float(local)], device=device)
+        total = max(1.0, parallel_lib.all_reduce_sum(counts, self.backend).item())
         self.optimizer.zero_grad(set_to_none=True)
         sums = torch.zeros(3, device=device)
-        for inputs, labels in batches:
+        teacher_weight = None if self.teacher is None else self.teacher.output_weight
+        for i, (inputs, labels) in enumerate(batches):
             inputs, labels = inputs.to(device), labels.to(device)
             weight = int((labels != IGNORE_INDEX).sum()) / total
             teacher_hidden = self.teacher_hidden(inputs)
-            with self.backend.autocast():
-                student_hidden = self.student_hidden(inputs)  # (B, T, C)
-                parts = distill_loss(
-                    student_hidden,
-                    self.student.output_weight,
-                    teacher_hidden,
-                    None if self.teacher is None else self.teacher.output_weight,
-                    labels,
-                    kind=cfg.loss,
-                    temperature=cfg.temperature,
-                    alpha=cfg.alpha,
-                    beta=cfg.beta,
-                    chunk_tokens=cfg.loss_chunk,
+            last = i == len(batches) - 1
+            with parallel_lib.gradient_sync(self.model, last), self.backend.autocast():
+                parts = self.model(
+                    inputs, labels, teacher_hidden, teacher_weight, self.loss_options
                 )
-            (parts.loss * weight).backward()
-            sums += weight * torch.stack([parts.loss, parts.kd, parts.ce]).detach()
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.student.parameters(), cfg.grad_clip)
+            (parts[0] * (weight * world)).backward()
+            sums += weight * parts.detach()
+        parallel_lib.all_reduce_sum(sums, self.backend)
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
+        if hasattr(grad_norm, "full_tensor"):  # a DTensor under FSDP2
+            grad_norm = grad_norm.full_tensor()
         loss, kd, ce = sums.tolist()
         self.step += 1
         if not math.isfinite(loss):
@@ -266,13 +287,19 @@ class Pipeline:
         )
 
     def teacher_hidden(self, inputs: torch.Tensor) -> torch.Tensor | None:
-        """Teacher final hidden states (B, T, C_t), computed with no autograd state at all."""
+        """Teacher final hidden states (B, T, C_t), with no autograd state."""
         if self.teacher is None:
             return None
-        with torch.inference_mode(), self.backend.autocast():
-            hidden = self.teacher.hidden_states(inputs)
+        # FSDP2 gathers shards into live parameters, which inference mode would not allow.
+        no_autograd = torch.no_grad() if self.sharded_teacher else torch.inference_mode()
+        with no_autograd, self.backend.autocast():
+            hidden = self.teacher_forward(inputs)
         # Inference tensors cannot be saved for backward; hidden states are small to copy.
         return hidden.clone()
+
+    def student_state(self) -> dict[str, torch.Tensor]:
+        """The student's full weights (collective under FSDP2; complete on rank 0)."""
+        return parallel_lib.full_model_state(self.model)
 
 
 def rng_state() -> dict[str, Any]:

@@ -22,6 +22,7 @@ import apr_cli
 from apr_cli.data.source import BatchSource, SyntheticBatchSource
 from apr_cli.distill.backend import Backend, seed_everything, select_backend
 from apr_cli.distill.checkpoints import load_latest_checkpoint, save_checkpoint
+from apr_cli.distill.parallel import PARALLELISMS, any_rank
 from apr_cli.distill.pipeline import Pipeline, StepMetrics, TrainConfig, TrainResult
 from apr_cli.distill.plot import write_loss_plot
 from apr_cli.distill.rundir import LOSS_PLOT, RunDirectory, format_step, utc_now
@@ -32,6 +33,7 @@ from apr_cli.model.checkpoint import (
     parse_teacher_layers,
     save_model,
 )
+from apr_cli.model.config import ModelConfig
 from apr_cli.model.qwen2 import Qwen2ForCausalLM, count_parameters
 from apr_cli.model.vocab import shared_vocab_size
 
@@ -55,6 +57,7 @@ class DistillOptions:
     device: str = "auto"
     teacher_warmup: int | None = None  # None: PRESET_TEACHER_WARMUP for a preset teacher, else 0
     save_every: int = 1000  # steps between checkpoints (one is always written at the end)
+    parallel: str = "ddp"  # under torchrun: ddp (replicated student) or fsdp (sharded)
     keep_checkpoints: int = 2
     train: TrainConfig = field(default_factory=TrainConfig)
 
@@ -75,6 +78,8 @@ class DistillOptions:
             raise AprError(f"--teacher-warmup must be >= 0, got {self.teacher_warmup}")
         if self.save_every < 0:
             raise AprError(f"--save-every must be >= 0, got {self.save_every}")
+        if self.parallel not in PARALLELISMS:
+            raise AprError(f"parallelism must be one of {', '.join(PARALLELISMS)}")
         if self.keep_checkpoints < 1:
             raise AprError(f"--keep-checkpoints must be >= 1, got {self.keep_checkpoints}")
 
@@ -145,13 +150,20 @@ def prepare(options: DistillOptions) -> Prepared:
     )
     context = min(m.config.max_position_embeddings for m in models)
     cfg.validate(max_seq_len=context)
+    if cfg.batch_size % (cfg.grad_accum * backend.world_size):
+        raise AprError(
+            f"--batch-size {cfg.batch_size} is not a multiple of --grad-accum {cfg.grad_accum} "
+            f"x world size {backend.world_size}"
+        )
     if options.dataset is not None:
         from apr_cli.data.shards import ShardBatchSource
 
-        source: BatchSource = ShardBatchSource(options.dataset, vocab_size=vocab)
+        source: BatchSource = ShardBatchSource(
+            options.dataset, vocab_size=vocab, rank=backend.rank, world_size=backend.world_size
+        )
         source.check_seq_len(cfg.seq_len)
     else:
-        source = SyntheticBatchSource(vocab)
+        source = SyntheticBatchSource(vocab, rank=backend.rank, world_size=backend.world_size)
     warnings = []
     if teacher is not None and same_model(teacher, student, teacher_info, student_info):
         warnings.append(
@@ -243,7 +255,15 @@ def environment() -> dict[str, Any]:
 
 
 # Settings a resumed run may change: they do not change what the student learns.
-RESUMABLE_CHANGES = {"steps", "device", "save_every", "keep_checkpoints", "loss_chunk", "compile"}
+RESUMABLE_CHANGES = {
+    "steps",
+    "device",
+    "save_every",
+    "keep_checkpoints",
+    "loss_chunk",
+    "compile",
+    "parallel",
+}
 TEACHER_WARMED = "teacher-warmed.apr"
 
 
@@ -310,16 +330,18 @@ class RunReporter:
         if self.on_progress is not None:
             self.on_progress()
 
-    def checkpoint(self) -> Path:
-        """Save the pipeline and how far the logs had got, so a resume can cut them back."""
+    def checkpoint(self) -> None:
+        """Save the pipeline and how far the logs had got, so a resume can cut them back.
+
+        Every rank takes part in gathering the state; rank 0 writes it.
+        """
         state = {
             "pipeline": self.pipeline.state_dict(),
             "log_bytes": self.run.log_size(),
             "options": self.options.to_dict(),
         }
-        return save_checkpoint(
-            self.run.path, self.pipeline.step, state, self.options.keep_checkpoints
-        )
+        if self.run.writable:
+            save_checkpoint(self.run.path, self.pipeline.step, state, self.options.keep_checkpoints)
 
 
 def warm_up_teacher(p: Prepared, emit: Emit) -> dict[str, Any] | None:
@@ -353,7 +375,8 @@ def start(
     p: Prepared, out: Path, *, overwrite: bool = False, emit: Emit = print
 ) -> tuple[RunDirectory, dict[str, Any]]:
     """Create the run directory and its manifest, and warm up a preset teacher."""
-    run = RunDirectory.create(out, overwrite=overwrite)
+    run = RunDirectory.create(out, overwrite=overwrite, writable=p.backend.is_main)
+    emit = main_only(emit, p)
     manifest: dict[str, Any] = {
         "status": "running",
         "started_at": utc_now(),
@@ -373,7 +396,7 @@ def start(
         emit_and_log(line)
     try:
         manifest["teacher_warmup"] = warm_up_teacher(p, emit_and_log)
-        if manifest["teacher_warmup"] is not None:
+        if manifest["teacher_warmup"] is not None and run.writable:
             # A resumed run must distill from this same teacher, not warm up a new one.
             save_model(p.teacher, run.path / TEACHER_WARMED)
     except BaseException as e:
@@ -420,6 +443,8 @@ def resume(
     load = replace(options, teacher=str(warmed), teacher_warmup=0) if warmed.is_dir() else options
     p = prepare(load)
     p.options = options
+    run.writable = p.backend.is_main
+    emit = main_only(emit, p)
     p.warnings = [w for w in p.warnings if "same model" not in w or not warmed.is_dir()]
     run.truncate_logs(checkpoint["log_bytes"], step)
     manifest.update(
@@ -464,21 +489,28 @@ def train_run(
     on_progress: Callable[[], None] | None = None,
 ) -> dict[str, Any]:
     """Train to the last step (from `state` when resuming), save, and finalize the manifest."""
-    pipeline = Pipeline(p.student, p.teacher, p.options.train, p.source, p.backend)
+    emit = main_only(emit, p)
+    pipeline = Pipeline(
+        p.student, p.teacher, p.options.train, p.source, p.backend, p.options.parallel
+    )
     if state is not None:
         pipeline.load_state_dict(state)
     reporter = RunReporter(run, pipeline, p.options, emit, on_progress)
     stop = StopSignals()
     try:
         with stop.installed():
-            result = pipeline.train(reporter, should_stop=stop.requested)
+            result = pipeline.train(
+                reporter, should_stop=lambda: any_rank(stop.requested(), p.backend)
+            )
             reporter.checkpoint()
             if stop.signum is not None:
                 raise RunInterrupted(stop.signum, run.path, pipeline.step)
-        save_model(p.student, run.student_dir)
-        write_loss_plot(run.path / LOSS_PLOT, pipeline.losses)
+        weights = pipeline.student_state()  # collective: gathers shards under FSDP2
+        if run.writable:
+            save_model(model_from_state(p.student.config, weights), run.student_dir)
+            write_loss_plot(run.path / LOSS_PLOT, pipeline.losses)
     except BaseException as e:
-        if pipeline.losses:
+        if pipeline.losses and run.writable:
             manifest.update(summary(pipeline.result()))
             write_loss_plot(run.path / LOSS_PLOT, pipeline.losses)
         finish_failed(run, manifest, e, steps_completed=pipeline.step)
@@ -493,6 +525,19 @@ def train_run(
         emit(line)
         run.log(line)
     return manifest
+
+
+def main_only(emit: Emit, p: Prepared) -> Emit:
+    """Rank 0 speaks for the run; other ranks print nothing."""
+    return emit if p.backend.is_main else (lambda line: None)
+
+
+def model_from_state(config: ModelConfig, state: dict[str, torch.Tensor]) -> Qwen2ForCausalLM:
+    """A plain model holding `state`, without a second initialisation of the weights."""
+    with torch.device("meta"):
+        model = Qwen2ForCausalLM(config)
+    model.load_state_dict(state, assign=True)
+    return model
 
 
 def finish_failed(

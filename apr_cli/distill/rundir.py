@@ -58,15 +58,21 @@ def step_of(metrics_line: str) -> float:
 
 
 class RunDirectory:
-    """One run's files. The manifest is rewritten atomically; logs are appended and flushed."""
+    """One run's files. The manifest is rewritten atomically; logs are appended and flushed.
 
-    def __init__(self, path: Path):
+    Under data parallelism only rank 0's RunDirectory is `writable`; the others write nothing.
+    """
+
+    def __init__(self, path: Path, writable: bool = True):
         self.path = Path(path)
+        self.writable = writable
 
     @classmethod
-    def create(cls, path: Path, overwrite: bool = False) -> RunDirectory:
+    def create(cls, path: Path, overwrite: bool = False, writable: bool = True) -> RunDirectory:
         """A fresh run directory; refuses one that already holds a run unless `overwrite`."""
-        run = cls(path)
+        run = cls(path, writable)
+        if not writable:
+            return run
         if run.path.exists() and not run.path.is_dir():
             raise AprError(f"--out {run.path}: exists and is not a directory")
         previous = run.read_manifest()
@@ -103,10 +109,14 @@ class RunDirectory:
             return {"status": "unreadable"}
 
     def write_manifest(self, manifest: dict[str, Any]) -> None:
+        if not self.writable:
+            return
         atomic_write_json(self.manifest_path, manifest)
 
     def log(self, line: str) -> None:
         """Append one line to the victory log, flushed so a crash keeps it."""
+        if not self.writable:
+            return
         with open(self.path / VICTORY_LOG, "a") as f:
             f.write(line + "\n")
 
@@ -116,6 +126,8 @@ class RunDirectory:
 
     def truncate_logs(self, log_bytes: int, steps: int) -> None:
         """Cut the log and metrics back to a checkpoint: steps after it will be run again."""
+        if not self.writable:
+            return
         log = self.path / VICTORY_LOG
         if log.exists():
             atomic_write_bytes(log, log.read_bytes()[:log_bytes])
@@ -126,6 +138,8 @@ class RunDirectory:
             atomic_write_bytes(metrics, "".join(kept).encode())
 
     def append_metrics(self, metrics: StepMetrics) -> None:
+        if not self.writable:
+            return
         record = asdict(metrics)
         record.pop("steps")
         with open(self.path / METRICS, "a") as f:
