@@ -25,6 +25,7 @@ Remote box:
   GX10_SSH_OPTS    extra words for ssh (e.g. "-p 2222 -i ~/.ssh/gx10")
   GX10_ALIVE_WAIT  seconds the run must stay alive after launch (default 10)
   GX10_MIN_FREE_GB free disk the remote needs under GX10_REPO_PATH (default 10)
+  GX10_NPROC       processes (GPUs) for the run; above 1 it runs under torchrun (default 1)
 
 The run (each maps to an `apr distill` option; unset or empty means apr's default):
   TEACHER --teacher   STUDENT --student   DATASET_DIR --dataset (remote path; unset: synthetic)
@@ -90,9 +91,11 @@ load_config() {
     REMOTE_PYTHON=${GX10_PYTHON:-python3}
     ALIVE_WAIT=${GX10_ALIVE_WAIT:-10}
     MIN_FREE_GB=${GX10_MIN_FREE_GB:-10}
+    NPROC=${GX10_NPROC:-1}
     EVIDENCE=${EVIDENCE_DIR:-$REPO_ROOT/evidence}
     [[ $ALIVE_WAIT =~ ^[0-9]+$ ]] || die "GX10_ALIVE_WAIT must be whole seconds, got '$ALIVE_WAIT'"
     [[ $MIN_FREE_GB =~ ^[0-9]+$ ]] || die "GX10_MIN_FREE_GB must be whole GiB, got '$MIN_FREE_GB'"
+    [[ $NPROC =~ ^[1-9][0-9]*$ ]] || die "GX10_NPROC must be a positive whole number, got '$NPROC'"
     # Word lists by design (documented): split on whitespace, no quote processing, no globbing.
     read -ra SSH_OPTS <<<"${GX10_SSH_OPTS:-}"
     read -ra PIP_ARGS <<<"${GX10_PIP_ARGS:-}"
@@ -161,8 +164,14 @@ explain_ssh_failure() {
 
 # The `apr distill` command as remote shell words: only the variables that are set.
 build_apr_command() {
-    local apr=$1 out=$2 pair var flag word
-    APR_WORDS=("$apr" distill)
+    local venv=$1 out=$2 pair var flag word
+    if ((NPROC > 1)); then
+        # One process per GPU; --batch-size stays the global batch (docs/distributed.md).
+        APR_WORDS=("$venv/bin/python" -m torch.distributed.run --standalone
+            "--nproc-per-node=$NPROC" -m apr_cli distill)
+    else
+        APR_WORDS=("$venv/bin/apr" distill)
+    fi
     for pair in TEACHER:--teacher STUDENT:--student STEPS:--steps SEQ_LEN:--seq-len \
         BATCH_SIZE:--batch-size LR:--lr TEMPERATURE:--temperature ALPHA:--alpha; do
         var=${pair%%:*} flag=${pair#*:}
@@ -297,10 +306,10 @@ REMOTE
 # ALIVE_WAIT seconds: a run that dies that early is a setup error worth showing right away.
 launch_run() {
     echo "== launch"
-    local run apr script word lines=()
+    local run venv script word lines=()
     run=$(qpath "$RUN_PREFIX/$RUN_NAME")
-    apr=$(qpath "$REMOTE_REPO/commits/$COMMIT/.venv/bin/apr")
-    build_apr_command "$apr" "$run"
+    venv=$(qpath "$REMOTE_REPO/commits/$COMMIT/.venv")
+    build_apr_command "$venv" "$run"
     # launch.sh, kept in the run dir, is the exact command; it records its own exit code.
     # The trap keeps this shell alive through a SIGINT to the process group, so that it still
     # records apr's exit code after apr has marked its manifest interrupted.

@@ -381,6 +381,17 @@ def test_dry_run_prints_every_command_and_runs_nothing(remote):
     ) in out.stdout
 
 
+def test_several_gpus_launch_under_torchrun(remote):
+    out = remote.dispatch(**SMALL_RUN, DRY_RUN="1", RUN_NAME="multi", GX10_NPROC="4")
+    assert out.returncode == 0, out.stderr
+    assert (
+        "/.venv/bin/python -m torch.distributed.run --standalone --nproc-per-node=4 "
+        "-m apr_cli distill --steps 20"
+    ) in out.stdout
+    bad = remote.dispatch(**SMALL_RUN, DRY_RUN="1", RUN_NAME="multi", GX10_NPROC="two")
+    assert bad.returncode == 1 and "GX10_NPROC" in bad.stderr
+
+
 def test_run_that_dies_early_shows_its_log(remote):
     out = remote.dispatch(
         **{**SMALL_RUN, "EXTRA_ARGS": "--no-such-option"}, RUN_NAME="early", GX10_ALIVE_WAIT="120"
