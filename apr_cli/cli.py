@@ -8,8 +8,10 @@ import typer
 
 from apr_cli.commands.common import fail
 from apr_cli.commands.distill import distill
+from apr_cli.commands.eval import eval_model
 from apr_cli.commands.generate import generate
 from apr_cli.commands.shards import app as shards_app
+from apr_cli.commands.train import train
 
 try:  # newer typer vendors click
     from typer._click.exceptions import ClickException, NoArgsIsHelpError
@@ -25,6 +27,8 @@ app = typer.Typer(
     add_completion=False,
 )
 app.command()(distill)
+app.command()(train)
+app.command(name="eval")(eval_model)
 app.command()(generate)
 app.add_typer(shards_app, name="shards")
 

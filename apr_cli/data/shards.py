@@ -234,6 +234,20 @@ class ShardBatchSource:
         labels = torch.from_numpy(out[:, 1:].astype(np.int64))  # (B, T)
         return inputs, labels
 
+    def window(self, k: int, seq_len: int) -> np.ndarray:
+        """Window k of an epoch, tokens [k*seq_len, k*seq_len + seq_len + 1), as uint32.
+
+        Random access for evaluation: the batch position (and so a resume) is not touched.
+        """
+        n_windows = self.check_seq_len(seq_len)
+        if not 0 <= k < n_windows:
+            raise AprError(
+                f"{self.path}: window {k} is outside 0..{n_windows - 1} at seq_len {seq_len}"
+            )
+        row = np.empty(seq_len + 1, dtype=np.uint32)
+        self._read(k * seq_len, row)
+        return row
+
     def _order(self, epoch: int, n_windows: int) -> np.ndarray:
         # A batch spans at most two epochs, so the previous and current orders are all we keep;
         # keyed by the window count too, since a reset may change seq_len.

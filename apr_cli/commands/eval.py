@@ -1,0 +1,78 @@
+"""`apr eval`: a model's mean next-token loss and perplexity on fixed windows of a dataset."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+
+from apr_cli.commands.common import user_errors
+from apr_cli.commands.options import DATA, OUTPUT, Device, SeqLen
+from apr_cli.distill.evaluate import DEFAULT_WINDOWS, evaluate_model
+from apr_cli.distill.pipeline import TrainConfig
+
+stdout = Console(highlight=False, soft_wrap=True)
+
+
+def eval_model(
+    model: Annotated[
+        str,
+        typer.Argument(
+            help="A local Hugging Face folder (e.g. RUN/student-trained.apr), a hub id in the "
+            "local cache, or a preset.",
+            metavar="MODEL",
+            show_default=False,
+        ),
+    ],
+    dataset: Annotated[
+        Path,
+        typer.Option(
+            help="Directory of token shards (*.bin), e.g. a build's val/ folder.",
+            exists=True,
+            file_okay=False,
+            rich_help_panel=DATA,
+        ),
+    ],
+    windows: Annotated[
+        int,
+        typer.Option(
+            help="Windows scored, spread evenly over the dataset from window 0 (0: every window).",
+            rich_help_panel=DATA,
+        ),
+    ] = DEFAULT_WINDOWS,
+    seq_len: SeqLen = TrainConfig.seq_len,
+    batch_size: Annotated[
+        int, typer.Option(help="Windows per forward pass.", rich_help_panel=DATA)
+    ] = 16,
+    device: Device = "auto",
+    json_output: Annotated[
+        bool, typer.Option("--json", help="Print the report as JSON.", rich_help_panel=OUTPUT)
+    ] = False,
+) -> None:
+    """Mean next-token loss (nats per token) and perplexity over fixed, deterministic windows."""
+    with user_errors():
+        report = evaluate_model(
+            model,
+            dataset,
+            seq_len=seq_len,
+            windows=windows,
+            batch_size=batch_size,
+            device=device,
+        )
+    if json_output:
+        typer.echo(json.dumps(report, indent=2))
+        return
+    info = report["model"]
+    rows = [
+        f"model: {info['spec']} ({info['parameters']:,} params, {info['dtype']})",
+        f"dataset: {report['data']['path']} ({report['data']['tokens']:,} tokens, "
+        f"{report['windows_per_epoch']:,} windows at seq_len {report['seq_len']})",
+        f"windows: {report['windows']:,} ({report['selection']}), {report['tokens']:,} tokens",
+        f"loss: {report['loss']:.4f}  perplexity: {report['perplexity']:.2f}",
+    ]
+    for row in rows:
+        stdout.print(escape(row))

@@ -1,0 +1,114 @@
+"""Options that several commands share, as `Annotated` types: one definition, one help text."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+MODELS, DATA, TRAINING, LOSS, RUN, OUTPUT = "Models", "Data", "Training", "Loss", "Run", "Output"
+
+Dataset = Annotated[
+    Path | None,
+    typer.Option(
+        help="Directory of token shards (*.bin); without it, synthetic batches.",
+        exists=True,
+        file_okay=False,
+        dir_okay=True,
+        rich_help_panel=DATA,
+    ),
+]
+SeqLen = Annotated[int, typer.Option(help="Tokens per row.", rich_help_panel=DATA)]
+BatchSize = Annotated[
+    int,
+    typer.Option(
+        help="Rows per optimizer step (split over --grad-accum micro-batches).",
+        rich_help_panel=DATA,
+    ),
+]
+Steps = Annotated[int, typer.Option(help="Optimizer steps, exactly.", rich_help_panel=TRAINING)]
+Lr = Annotated[float, typer.Option(help="Peak learning rate (AdamW).", rich_help_panel=TRAINING)]
+Warmup = Annotated[
+    int,
+    typer.Option(
+        help="Linear warm-up steps before cosine decay to lr/10.", rich_help_panel=TRAINING
+    ),
+]
+GradAccum = Annotated[
+    int,
+    typer.Option(
+        help="Micro-batches per optimizer step (gradient accumulation).",
+        rich_help_panel=TRAINING,
+    ),
+]
+GradClip = Annotated[
+    float, typer.Option(help="Max global gradient norm.", rich_help_panel=TRAINING)
+]
+WeightDecay = Annotated[float, typer.Option(help="AdamW weight decay.", rich_help_panel=TRAINING)]
+Seed = Annotated[
+    int, typer.Option(help="Seed for init, data order and sampling.", rich_help_panel=TRAINING)
+]
+Device = Annotated[
+    str,
+    typer.Option(
+        help="auto (CUDA with bf16 when available, else CPU), cuda or cpu.",
+        rich_help_panel=TRAINING,
+    ),
+]
+LossChunk = Annotated[
+    int,
+    typer.Option(
+        help="Tokens per loss block (bounds logits memory); 0 chooses automatically.",
+        rich_help_panel=LOSS,
+    ),
+]
+Compile = Annotated[
+    bool,
+    typer.Option(
+        "--compile", help="torch.compile the models' forward passes.", rich_help_panel=TRAINING
+    ),
+]
+Out = Annotated[
+    Path | None,
+    typer.Option(
+        help="Run directory [default: runs/COMMAND-YYYYMMDD-HHMMSS, UTC].",
+        file_okay=False,
+        rich_help_panel=RUN,
+    ),
+]
+Resume = Annotated[
+    Path | None,
+    typer.Option(
+        help="Continue the run in this directory from its newest checkpoint; only --steps "
+        "(and device or checkpoint settings) may change.",
+        exists=True,
+        file_okay=False,
+        rich_help_panel=RUN,
+    ),
+]
+SaveEvery = Annotated[
+    int, typer.Option(help="Steps between checkpoints (0: only at the end).", rich_help_panel=RUN)
+]
+KeepCheckpoints = Annotated[
+    int, typer.Option(help="Checkpoints kept (the newest).", rich_help_panel=RUN)
+]
+Overwrite = Annotated[
+    bool, typer.Option(help="Replace a run already in --out.", rich_help_panel=RUN)
+]
+PlanOnly = Annotated[
+    bool,
+    typer.Option(
+        "--plan",
+        help="Print the resolved plan (models, sizes, memory, data) and exit.",
+        rich_help_panel=RUN,
+    ),
+]
+JsonOutput = Annotated[
+    bool,
+    typer.Option(
+        "--json",
+        help="Print the final summary (or plan) as JSON on stdout; step lines go to stderr.",
+        rich_help_panel=RUN,
+    ),
+]
