@@ -1,0 +1,123 @@
+#!/usr/bin/env bash
+# Does distillation help? On the Python standard library, per seed: train a teacher with
+# `apr train`, then the same student (same init, batches and steps) once with `apr distill` from
+# that teacher and once with `apr train` on the labels alone; `apr eval` all three on held-out
+# files; print the table (scripts/kd-vs-ce-table.py). See docs/experiment.md.
+#
+# Usage: scripts/kd-vs-ce.sh OUT_DIR [SEED...]          (seeds default to 0 1)
+# Environment:
+#   SIZE=full|tiny   full: the documented experiment; tiny: seconds, for the tests
+#   CORPUS=DIR       .py files to use instead of the standard library
+#   EVIDENCE=DIR     also copy the small files (manifests, logs, evals, table) there
+#   TEMPERATURE, ALPHA   the KD settings (default 1.0 and 0.5)
+#   APR, PYTHON      the apr command and the Python that finds the standard library
+# On a machine shared with other jobs, OMP_NUM_THREADS=1 avoids stalls from oversubscribed
+# threads (the runs in evidence/kd-vs-ce used it).
+set -euo pipefail
+
+if [[ $# -lt 1 || $1 == -h || $1 == --help ]]; then
+    sed -n '2,/^set -euo/s/^# \{0,1\}//p' "$0"
+    exit 2
+fi
+out=$1
+shift
+seeds=("$@")
+[[ ${#seeds[@]} -gt 0 ]] || seeds=(0 1)
+for seed in "${seeds[@]}"; do
+    if [[ ! $seed =~ ^[0-9]+$ ]]; then
+        echo "error: seeds are non-negative integers, got ${seed}" >&2
+        exit 2
+    fi
+done
+apr=${APR:-apr}
+python=${PYTHON:-python3}
+here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+
+# Both models are the built-in presets (vocab 512), so the tokenizer is a BPE of that size:
+# tiny-teacher is 4 layers at hidden 256 (3.1M params), tiny-student 2 layers at 128 (0.4M).
+vocab=512
+case ${SIZE:-full} in
+    full)
+        seq_len=128 batch=16 teacher_steps=600 teacher_lr=2e-3
+        student_steps=400 student_lr=3e-3 eval_windows=0 val_fraction=0.05
+        ;;
+    tiny)
+        seq_len=32 batch=4 teacher_steps=30 teacher_lr=3e-3
+        student_steps=12 student_lr=3e-3 eval_windows=16 val_fraction=0.25
+        ;;
+    *)
+        echo "error: SIZE must be full or tiny, got ${SIZE}" >&2
+        exit 2
+        ;;
+esac
+# Chosen on this train/val split; docs/experiment.md lists what else was tried.
+temperature=${TEMPERATURE:-1.0}
+alpha=${ALPHA:-0.5}
+
+corpus=${CORPUS:-$("$python" -c 'import sysconfig; print(sysconfig.get_paths()["stdlib"])')}
+mkdir -p "$out"
+start=$SECONDS
+
+# The library's .py files without site-packages and test suites, in a fixed order keyed by a
+# hash of each relative path: training batches and the evenly spread validation files then come
+# from the whole library, not from its alphabetically first packages.
+mapfile -t files < <("$python" - "$corpus" <<'PY'
+import hashlib
+import pathlib
+import sys
+
+root = pathlib.Path(sys.argv[1])
+skip = {"site-packages", "test", "tests", "idle_test", "__pycache__"}
+paths = [p for p in root.rglob("*.py") if not skip & set(p.relative_to(root).parts[:-1])]
+for p in sorted(paths, key=lambda p: hashlib.sha1(p.relative_to(root).as_posix().encode()).digest()):
+    print(p)
+PY
+)
+if [[ ${#files[@]} -eq 0 ]]; then
+    echo "error: no .py files under ${corpus}" >&2
+    exit 2
+fi
+
+# A file is wholly in train or in val (the builder splits by document).
+data=$out/data
+if [[ ! -f $data/val/meta.json ]]; then
+    "$apr" shards build "${files[@]}" --out "$data" --train-bpe "$vocab" --val-fraction "$val_fraction" \
+        --force
+fi
+
+common=(--dataset "$data/train" --seq-len "$seq_len" --batch-size "$batch" --save-every 0
+    --overwrite)
+evaluate() { # MODEL JSON_OUT
+    "$apr" eval "$1" --dataset "$data/val" --seq-len "$seq_len" --windows "$eval_windows" \
+        --json >"$2"
+}
+
+for seed in "${seeds[@]}"; do
+    run=$out/seed-$seed
+    "$apr" train --model tiny-teacher "${common[@]}" --steps "$teacher_steps" \
+        --lr "$teacher_lr" --seed "$seed" --out "$run/teacher"
+    teacher=$run/teacher/student-trained.apr
+    # The same preset student, seeded alike, on the same batches for the same steps.
+    "$apr" distill --teacher "$teacher" --student tiny-student "${common[@]}" \
+        --steps "$student_steps" --lr "$student_lr" --seed "$seed" \
+        --temperature "$temperature" --alpha "$alpha" --out "$run/kd"
+    "$apr" train --model tiny-student "${common[@]}" --steps "$student_steps" \
+        --lr "$student_lr" --seed "$seed" --out "$run/ce"
+    evaluate "$teacher" "$run/eval-teacher.json"
+    evaluate "$run/kd/student-trained.apr" "$run/eval-kd.json"
+    evaluate "$run/ce/student-trained.apr" "$run/eval-ce.json"
+done
+
+seed_list=$(IFS=,; echo "${seeds[*]}")
+printf '{"size": "%s", "seeds": [%s], "files": %d, "wall_s": %d}\n' \
+    "${SIZE:-full}" "$seed_list" "${#files[@]}" $((SECONDS - start)) >"$out/experiment.json"
+"$python" "$here/kd-vs-ce-table.py" "$out" | tee "$out/table.md"
+
+if [[ -n ${EVIDENCE:-} ]]; then
+    evidence=$(mkdir -p "$EVIDENCE" && cd "$EVIDENCE" && pwd)
+    (
+        cd "$out"
+        cp --parents experiment.json table.md data/train/meta.json data/val/meta.json \
+            seed-*/eval-*.json seed-*/*/dispatch.json seed-*/*/launch-victory.txt "$evidence"
+    )
+fi
