@@ -69,6 +69,14 @@ Compile = Annotated[
         "--compile", help="torch.compile the models' forward passes.", rich_help_panel=TRAINING
     ),
 ]
+Fsdp = Annotated[
+    bool,
+    typer.Option(
+        "--fsdp",
+        help="Under torchrun, shard student and teacher with FSDP2 instead of replicating (DDP).",
+        rich_help_panel=TRAINING,
+    ),
+]
 Out = Annotated[
     Path | None,
     typer.Option(

@@ -23,7 +23,6 @@ from apr_cli.distill.backend import Backend
 from apr_cli.distill.losses import distill_loss
 
 FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
-PARALLELISMS = ("ddp", "fsdp")
 
 
 class StudentLoss(nn.Module):

@@ -22,7 +22,7 @@ import apr_cli
 from apr_cli.data.source import BatchSource, SyntheticBatchSource
 from apr_cli.distill.backend import Backend, seed_everything, select_backend
 from apr_cli.distill.checkpoints import load_latest_checkpoint, save_checkpoint
-from apr_cli.distill.parallel import PARALLELISMS, any_rank
+from apr_cli.distill.parallel import any_rank
 from apr_cli.distill.pipeline import Pipeline, StepMetrics, TrainConfig, TrainResult
 from apr_cli.distill.plot import write_loss_plot
 from apr_cli.distill.rundir import LOSS_PLOT, RunDirectory, format_step, utc_now
@@ -57,7 +57,7 @@ class DistillOptions:
     device: str = "auto"
     teacher_warmup: int | None = None  # None: PRESET_TEACHER_WARMUP for a preset teacher, else 0
     save_every: int = 1000  # steps between checkpoints (one is always written at the end)
-    parallel: str = "ddp"  # under torchrun: ddp (replicated student) or fsdp (sharded)
+    fsdp: bool = False  # under torchrun: shard student and teacher (FSDP2) instead of DDP
     keep_checkpoints: int = 2
     train: TrainConfig = field(default_factory=TrainConfig)
 
@@ -78,8 +78,6 @@ class DistillOptions:
             raise AprError(f"--teacher-warmup must be >= 0, got {self.teacher_warmup}")
         if self.save_every < 0:
             raise AprError(f"--save-every must be >= 0, got {self.save_every}")
-        if self.parallel not in PARALLELISMS:
-            raise AprError(f"parallelism must be one of {', '.join(PARALLELISMS)}")
         if self.keep_checkpoints < 1:
             raise AprError(f"--keep-checkpoints must be >= 1, got {self.keep_checkpoints}")
 
@@ -262,7 +260,7 @@ RESUMABLE_CHANGES = {
     "keep_checkpoints",
     "loss_chunk",
     "compile",
-    "parallel",
+    "fsdp",
 }
 TEACHER_WARMED = "teacher-warmed.apr"
 
@@ -491,7 +489,12 @@ def train_run(
     """Train to the last step (from `state` when resuming), save, and finalize the manifest."""
     emit = main_only(emit, p)
     pipeline = Pipeline(
-        p.student, p.teacher, p.options.train, p.source, p.backend, p.options.parallel
+        p.student,
+        p.teacher,
+        p.options.train,
+        p.source,
+        p.backend,
+        parallel="fsdp" if p.options.fsdp else "ddp",
     )
     if state is not None:
         pipeline.load_state_dict(state)
