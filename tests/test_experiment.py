@@ -201,13 +201,11 @@ def test_experiment_script_end_to_end(tmp_path):
     assert meta["tokenizer_source"].startswith("byte-level BPE") and meta["vocab_size"] <= 512
     assert meta["documents"] > 0 and train_meta["documents"] > 0
     assert not any("skipped.py" in s for s in train_meta["sources"])
-    runs = {role: json.loads((out / "seed-7" / role / "dispatch.json").read_text())
-            for role in ("teacher", "kd", "ce")}  # fmt: skip
+    paths = {"teacher": "teacher", "kd": "seed-7/kd", "ce": "seed-7/ce"}
+    runs = {role: json.loads((out / p / "dispatch.json").read_text()) for role, p in paths.items()}
     assert all(m["status"] == "completed" for m in runs.values())
     assert runs["teacher"]["teacher"] is None and runs["ce"]["teacher"] is None
-    assert runs["kd"]["teacher"]["path"] == str(
-        (out / "seed-7" / "teacher" / "student-trained.apr").resolve()
-    )
+    assert runs["kd"]["teacher"]["path"] == str((out / "teacher" / "student-trained.apr").resolve())
     assert runs["kd"]["steps"] == runs["ce"]["steps"]
     assert runs["kd"]["tokens"] == runs["ce"]["tokens"]
     # Same init and the same first batch: step 1's CE is identical in both student runs.
@@ -216,13 +214,13 @@ def test_experiment_script_end_to_end(tmp_path):
         for role in ("kd", "ce")
     }
     assert first["kd"]["ce_loss"] == first["ce"]["ce_loss"]
-    for role in ("teacher", "kd", "ce"):
-        report = json.loads((out / "seed-7" / f"eval-{role}.json").read_text())
+    for path in ("eval-teacher.json", "seed-7/eval-kd.json", "seed-7/eval-ce.json"):
+        report = json.loads((out / path).read_text())
         assert report["data"]["path"] == str((out / "data" / "val").resolve())
         assert math.isfinite(report["loss"])
     table = (out / "table.md").read_text()
     assert table == proc.stdout[proc.stdout.index("| seed |") :]
-    assert table.count("| 7 |") == 3 and "seed 7: KD student" in table
+    assert table.count("| 7 |") == 3 and "seed 7: the KD student" in table
     copied = {p.relative_to(evidence).as_posix() for p in evidence.rglob("*") if p.is_file()}
     assert "seed-7/kd/dispatch.json" in copied and "seed-7/eval-ce.json" in copied
     assert not any(name.endswith((".safetensors", ".bin", ".pt")) for name in copied)
