@@ -297,7 +297,8 @@ def test_sigint_to_a_detached_run_marks_it_interrupted(remote):
     assert out.returncode == 0, out.stdout + out.stderr
     manifest, victory = read_evidence(remote, "stopped")
     assert manifest["status"] == "interrupted"
-    assert victory[-1].startswith("step ")
+    assert victory[-1].startswith("interrupted: interrupted by SIGINT after step ")
+    assert victory[-2].startswith("step ")
 
 
 @pytest.mark.parametrize(
