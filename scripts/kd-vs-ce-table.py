@@ -88,8 +88,9 @@ def main(root: Path) -> None:
         gap = loss["ce"] - loss["kd"]
         ok = teacher_eval["loss"] < loss["kd"] < loss["ce"]
         verdicts.append(
-            f"- seed {seed_dir.name.removeprefix('seed-')}: the KD student's val loss is "
-            f"{gap:+.4f} nats/token below the CE student's ({100 * gap / loss['ce']:.1f}%); "
+            f"- seed {seed_dir.name.removeprefix('seed-')}: CE student's val loss minus the KD "
+            f"student's: {gap:+.4f} nats/token ({100 * gap / loss['ce']:+.1f}%, positive means "
+            "KD is better); "
             f"teacher < KD < CE: {'yes' if ok else 'NO'}"
         )
     print()

@@ -220,7 +220,7 @@ def test_experiment_script_end_to_end(tmp_path):
         assert math.isfinite(report["loss"])
     table = (out / "table.md").read_text()
     assert table == proc.stdout[proc.stdout.index("| seed |") :]
-    assert table.count("| 7 |") == 3 and "seed 7: the KD student" in table
+    assert table.count("| 7 |") == 3 and "seed 7: CE student's val loss minus" in table
     copied = {p.relative_to(evidence).as_posix() for p in evidence.rglob("*") if p.is_file()}
     assert "seed-7/kd/dispatch.json" in copied and "seed-7/eval-ce.json" in copied
     assert not any(name.endswith((".safetensors", ".bin", ".pt")) for name in copied)
