@@ -39,7 +39,7 @@ here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 vocab=512
 case ${SIZE:-full} in
     full)
-        seq_len=128 batch=16 teacher_steps=1000 teacher_lr=6e-4
+        seq_len=128 batch=16 teacher_steps=1500 teacher_lr=2e-3
         student_steps=400 student_lr=8e-4 eval_windows=0 val_fraction=0.05
         ;;
     tiny)
@@ -86,8 +86,9 @@ if [[ ! -f $data/val/meta.json ]]; then
         --val-fraction "$val_fraction" --force
 fi
 
-common=(--dataset "$data/train" --seq-len "$seq_len" --batch-size "$batch" --save-every 0
-    --overwrite)
+# Shuffled windows (seeded by --seed): consecutive windows of one file make correlated batches.
+common=(--dataset "$data/train" --shuffle --seq-len "$seq_len" --batch-size "$batch"
+    --save-every 0 --overwrite)
 evaluate() { # MODEL JSON_OUT
     "$apr" eval "$1" --dataset "$data/val" --seq-len "$seq_len" --windows "$eval_windows" \
         --json >"$2"

@@ -19,6 +19,14 @@ Dataset = Annotated[
         rich_help_panel=DATA,
     ),
 ]
+Shuffle = Annotated[
+    bool,
+    typer.Option(
+        "--shuffle",
+        help="Read the dataset's windows in a random order (seeded by --seed, new each epoch).",
+        rich_help_panel=DATA,
+    ),
+]
 SeqLen = Annotated[int, typer.Option(help="Tokens per row.", rich_help_panel=DATA)]
 BatchSize = Annotated[
     int,

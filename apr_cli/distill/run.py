@@ -54,6 +54,7 @@ class DistillOptions:
     student: str = DEFAULT_STUDENT
     student_init: str | None = None  # teacher-layers:0,2,... builds the student from the teacher
     dataset: Path | None = None
+    shuffle: bool = False  # read --dataset windows in a seeded random order per epoch
     device: str = "auto"
     teacher_warmup: int | None = None  # None: PRESET_TEACHER_WARMUP for a preset teacher, else 0
     save_every: int = 1000  # steps between checkpoints (one is always written at the end)
@@ -157,7 +158,12 @@ def prepare(options: DistillOptions) -> Prepared:
         from apr_cli.data.shards import ShardBatchSource
 
         source: BatchSource = ShardBatchSource(
-            options.dataset, vocab_size=vocab, rank=backend.rank, world_size=backend.world_size
+            options.dataset,
+            vocab_size=vocab,
+            rank=backend.rank,
+            world_size=backend.world_size,
+            shuffle=options.shuffle,
+            seed=cfg.seed,
         )
         source.check_seq_len(cfg.seq_len)
     else:
