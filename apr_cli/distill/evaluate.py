@@ -9,10 +9,10 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from apr_cli.data.shards import ShardBatchSource
 from apr_cli.distill.backend import Backend, select_backend
+from apr_cli.distill.losses import distill_loss
 from apr_cli.errors import AprError
 from apr_cli.model.checkpoint import load_model
 from apr_cli.model.qwen2 import Qwen2ForCausalLM
@@ -51,8 +51,7 @@ def evaluate(
 ) -> Evaluation:
     """Mean CE over every label of the chosen windows (`window_indices`), in batches.
 
-    The same windows for the same dataset, seq_len and count, whatever the batch size; a batch
-    holds batch_size * seq_len * vocab fp32 logits at once.
+    The same windows for the same dataset, seq_len and count, whatever the batch size.
     """
     if batch_size < 1:
         raise AprError(f"--batch-size must be > 0, got {batch_size}")
@@ -65,8 +64,10 @@ def evaluate(
             rows = np.stack([source.window(k, seq_len) for k in picks[first : first + batch_size]])
             ids = torch.from_numpy(rows.astype(np.int64)).to(backend.device)  # (B, T+1)
             inputs, labels = ids[:, :-1], ids[:, 1:]
-            logits = model(inputs).float()  # (B, T, V)
-            total += float(F.cross_entropy(logits.flatten(0, 1), labels.flatten(), reduction="sum"))
+            hidden = model.hidden_states(inputs)  # (B, T, C)
+            # The chunked loss: a large vocabulary's (B*T, V) logits never exist at once.
+            parts = distill_loss(hidden, model.output_weight, None, None, labels)
+            total += float(parts.ce) * labels.numel()
             tokens += labels.numel()
     loss = total / tokens
     return Evaluation(

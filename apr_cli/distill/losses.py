@@ -225,6 +225,8 @@ def distill_loss(
     teacher = None
     if teacher_hidden is not None:
         teacher = teacher_hidden.reshape(-1, teacher_hidden.shape[-1])  # (N, C_t)
+    if not torch.is_grad_enabled():  # evaluation (no_grad / inference_mode): no gradients to make
+        hidden, student_weight = hidden.detach(), student_weight.detach()
     chunk = min(chunk_tokens or auto_chunk_tokens(vocab), hidden.shape[0])
     loss, kd, ce = _ChunkedDistillLoss.apply(
         hidden,
