@@ -272,11 +272,11 @@ TEACHER_WARMED = "teacher-warmed.apr"
 
 
 class RunInterrupted(AprError):
-    def __init__(self, signum: int, run_dir: Path, step: int):
+    def __init__(self, signum: int, run_dir: Path, step: int, command: str):
         name = signal.Signals(signum).name
         super().__init__(
             f"interrupted by {name} after step {step}; checkpoint saved; "
-            f"continue with: apr distill --resume {run_dir}",
+            f"continue with: apr {command} --resume {run_dir}",
             exit_code=128 + signum,
         )
 
@@ -513,7 +513,8 @@ def train_run(
             )
             reporter.checkpoint()
             if stop.signum is not None:
-                raise RunInterrupted(stop.signum, run.path, pipeline.step)
+                command = "train" if p.teacher is None else "distill"
+                raise RunInterrupted(stop.signum, run.path, pipeline.step, command)
         weights = pipeline.student_state()  # collective: gathers shards under FSDP2
         if run.writable:
             save_model(model_from_state(p.student.config, weights), run.student_dir)
