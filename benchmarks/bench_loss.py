@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import subprocess
 import sys
 import tempfile
@@ -25,6 +24,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from peak_memory import peak, reset_peak, sync
 
 from apr_cli.distill.losses import auto_chunk_tokens, distill_loss
 
@@ -81,15 +81,6 @@ def fwd_bwd(loss_fn, x: dict, device: str, chunk: int) -> torch.Tensor:
     return loss.detach()
 
 
-def proc_kib(field: str) -> int:
-    return int(re.search(rf"{field}:\s+(\d+) kB", Path("/proc/self/status").read_text())[1])
-
-
-def sync(device: str) -> None:
-    if device == "cuda":
-        torch.cuda.synchronize()
-
-
 def measure(variant: str, args) -> dict:
     """Memory attributable to the loss and fwd+bwd seconds, in this (fresh) process."""
     x = make_inputs(args.tokens, args.device)
@@ -99,19 +90,14 @@ def measure(variant: str, args) -> dict:
     fwd_bwd(loss_fn, {**few, "y": x["y"][:64]}, args.device, args.chunk)
     x["s_w"].grad = None
     sync(args.device)
-    if args.device == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-        before = torch.cuda.memory_allocated()
-    else:
-        Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current VmRSS
-        before = proc_kib("VmRSS") * 1024
+    before = reset_peak(args.device)
     start = time.perf_counter()
     loss = fwd_bwd(loss_fn, x, args.device, args.chunk)
     sync(args.device)
     seconds = time.perf_counter() - start
-    peak = torch.cuda.max_memory_allocated() if args.device == "cuda" else proc_kib("VmHWM") * 1024
+    peak_bytes = peak(args.device)
     torch.save([loss.cpu(), x["s_h"].grad.cpu(), x["s_w"].grad.cpu()], args.save)
-    return {"memory": peak - before, "seconds": seconds}
+    return {"memory": peak_bytes - before, "seconds": seconds}
 
 
 def child(args, variant: str, save: Path) -> dict:

@@ -17,15 +17,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import subprocess
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+from peak_memory import peak, reset_peak, sync
 
 from apr_cli.distill.backend import select_backend
 from apr_cli.distill.pipeline import Pipeline, TrainConfig
@@ -108,15 +107,6 @@ def matmul_peak(device: torch.device) -> float:
     return 2 * 4096**3 / best
 
 
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def proc_kib(field: str) -> int:
-    return int(re.search(rf"{field}:\s+(\d+) kB", Path("/proc/self/status").read_text())[1])
-
-
 def reference_step(student, teacher, optimizer, source, device) -> float:
     """One step of the obvious loop; returns the loss."""
     cfg = TRAIN
@@ -172,17 +162,12 @@ def measure(variant: str, args) -> dict:
     losses = [step()]  # warm-up (and, compiled, the compile)
     first_step_s = time.perf_counter() - start
     sync(device)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-        before = torch.cuda.memory_allocated()
-    else:
-        Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current VmRSS
-        before = proc_kib("VmRSS") * 1024
+    before = reset_peak(device)
     start = time.perf_counter()
     losses += [step() for _ in range(args.steps)]
     sync(device)
     seconds = (time.perf_counter() - start) / args.steps
-    peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else proc_kib("VmHWM") * 1024
+    peak_bytes = peak(device)
     tokens = TRAIN.batch_size * TRAIN.seq_len
     flops = tokens * (
         flops_per_token(student, TRAIN.seq_len, train=True)
@@ -190,7 +175,7 @@ def measure(variant: str, args) -> dict:
     )
     return {
         "tokens_per_s": tokens / seconds,
-        "memory": peak - before,
+        "memory": peak_bytes - before,
         "first_step_s": first_step_s,
         "flops_fraction": flops / seconds / peak_flops,
         "peak_flops": peak_flops,
