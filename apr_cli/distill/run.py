@@ -449,7 +449,6 @@ def resume(
     p.options = options
     run.writable = p.backend.is_main
     emit = main_only(emit, p)
-    p.warnings = [w for w in p.warnings if "same model" not in w or not warmed.is_dir()]
     run.truncate_logs(checkpoint["log_bytes"], step)
     manifest.update(
         status="running",
