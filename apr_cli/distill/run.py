@@ -22,6 +22,7 @@ import apr_cli
 from apr_cli.data.source import BatchSource, SyntheticBatchSource
 from apr_cli.distill.backend import Backend, seed_everything, select_backend
 from apr_cli.distill.checkpoints import load_latest_checkpoint, save_checkpoint
+from apr_cli.distill.losses import auto_chunk_tokens
 from apr_cli.distill.parallel import any_rank
 from apr_cli.distill.pipeline import Pipeline, StepMetrics, TrainConfig, TrainResult
 from apr_cli.distill.plot import write_loss_plot
@@ -198,14 +199,15 @@ def estimate_memory(p: Prepared) -> dict[str, int]:
     """A rough peak: weights, fp32 grads + AdamW moments, activations and logits (bytes)."""
     cfg, s = p.options.train, p.student.config
     vocab = max(m.config.vocab_size for m in (p.teacher, p.student) if m is not None)
-    tokens = cfg.batch_size // cfg.grad_accum * cfg.seq_len
+    tokens = cfg.batch_size // (cfg.grad_accum * p.backend.world_size) * cfg.seq_len  # per pass
     act_bytes = 2 if p.backend.autocast_dtype is not None else 4
     teacher_weights = count_parameters(p.teacher) * act_bytes if p.teacher is not None else 0
     student_states = count_parameters(p.student) * 16  # weights, grads, two moments, fp32
     # ~16 saved tensors of width hidden per layer and token, for backward.
     activations = tokens * s.hidden_size * s.num_hidden_layers * 16 * act_bytes
-    # Student logits, their fp32 copy and softmax, and the teacher's: ~6 (tokens, vocab) fp32.
-    logits = tokens * vocab * 4 * 6
+    # The chunked loss holds about nine (block, vocab) fp32 tensors, never the full logits.
+    block = min(cfg.loss_chunk or auto_chunk_tokens(vocab), tokens)
+    logits = block * vocab * 4 * 9
     total = teacher_weights + student_states + activations + logits
     return {
         "teacher_weights": teacher_weights,
