@@ -16,9 +16,8 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Normalise in fp32 whatever the weights' dtype, as Qwen2 does.
-        h = x.float()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        # Normalise in fp32 whatever the weights' dtype, as Qwen2 does; one fused op, not five.
+        h = F.rms_norm(x.float(), self.weight.shape, eps=self.eps)
         return self.weight * h.to(x.dtype)
 
 
@@ -38,9 +37,9 @@ class KVCache(nn.Module):
         return self.k[:, :, :end], self.v[:, :, :end]  # (B, n_kv, end, hd)
 
 
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    """Rotate-half RoPE: x * cos + cat(-x2, x1) * sin, as x * cos + roll(x) * signed_sin."""
+    return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * signed_sin
 
 
 class Attention(nn.Module):
@@ -57,13 +56,12 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.head_dim, bias=bias)
         self.o_proj = nn.Linear(self.n_head * self.head_dim, cfg.hidden_size, bias=False)
 
-    def forward(self, x, cos, sin, cache: KVCache | None = None, start: int = 0):
+    def forward(self, x, cos, signed_sin, cache: KVCache | None = None, start: int = 0):
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, nh, T, hd)
         k = self.k_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
         v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
-        q = q * cos + rotate_half(q) * sin
-        k = k * cos + rotate_half(k) * sin
+        q, k = apply_rope(q, cos, signed_sin), apply_rope(k, cos, signed_sin)
         mask, causal = None, True
         if cache is not None:
             k, v = cache.update(start, k, v)  # (B, nkv, start+T, hd)
@@ -96,8 +94,8 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, cos, sin, cache=None, start=0):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, start)
+    def forward(self, x, cos, signed_sin, cache=None, start=0):
+        x = x + self.self_attn(self.input_layernorm(x), cos, signed_sin, cache, start)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -122,6 +120,7 @@ class Qwen2ForCausalLM(nn.Module):
             else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         )
         self.caches: nn.ModuleList | None = None
+        self.rope_table: tuple[torch.Tensor, torch.Tensor] | None = None  # for cached positions
 
     @property
     def output_weight(self) -> torch.Tensor:
@@ -149,25 +148,34 @@ class Qwen2ForCausalLM(nn.Module):
             KVCache(batch, c.num_key_value_heads, max_len, c.head_dim, p.dtype, p.device)
             for _ in range(c.num_hidden_layers)
         )
+        # One table for every position the cache holds: a decode step then slices one row
+        # instead of rebuilding it (a handful of small ops per token).
+        self.rope_table = self.rope(0, max_len, p.dtype, p.device)
 
     def clear_cache(self) -> None:
-        self.caches = None
+        self.caches = self.rope_table = None
 
     def rope(self, start: int, T: int, dtype: torch.dtype, device: torch.device):
-        # Computed per call in fp32 rather than kept as a buffer: a buffer would be cast by
+        """RoPE (cos, signed_sin) for positions start..start+T-1, each (T, head_dim)."""
+        # Computed in fp32 rather than kept as a buffer: a buffer would be cast by
         # model.to(bfloat16) and left empty by a meta-device build.
         hd = self.config.head_dim
         exponent = torch.arange(0, hd, 2, dtype=torch.int64, device=device).float() / hd
         inv_freq = 1.0 / (self.config.rope_theta**exponent)  # (hd/2,)
         pos = torch.arange(start, start + T, device=device, dtype=torch.float32)
         freqs = torch.outer(pos, inv_freq)  # (T, hd/2)
-        emb = torch.cat((freqs, freqs), dim=-1)  # (T, hd)
-        return emb.cos().to(dtype), emb.sin().to(dtype)
+        cos, sin = freqs.cos(), freqs.sin()
+        # sin with rotate_half's sign folded in, so apply_rope needs one roll, not chunk+neg+cat.
+        return torch.cat((cos, cos), -1).to(dtype), torch.cat((-sin, sin), -1).to(dtype)
 
     def hidden_states(self, input_ids: torch.Tensor, start: int = 0) -> torch.Tensor:
         """Final-norm hidden states (B, T, hidden); uses the KV cache when one is set up."""
         x = self.model.embed_tokens(input_ids)  # (B, T, C)
-        cos, sin = self.rope(start, input_ids.shape[1], x.dtype, x.device)
+        T = input_ids.shape[1]
+        if self.rope_table is not None:
+            cos, sin = (t[start : start + T] for t in self.rope_table)
+        else:
+            cos, sin = self.rope(start, T, x.dtype, x.device)
         for i, layer in enumerate(self.model.layers):
             cache = self.caches[i] if self.caches is not None else None
             x = layer(x, cos, sin, cache, start)
