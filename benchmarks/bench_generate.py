@@ -1,9 +1,11 @@
 """Cached vs. uncached greedy generation, tokens/s in the same run (run by hand).
 
-    python benchmarks/bench_generate.py [--new-tokens 256] [--device cpu] [--threads 1]
+    python benchmarks/bench_generate.py [--new-tokens 256] [--prompt-lens 32,128,512] [--device cpu]
 
 Uncached generation re-runs the whole prefix for every new token, so its cost grows with the
 sequence; the KV cache makes each step one token. The original tool reported 19x; target >= 10x.
+The ratio depends on the prompt length (the prefix each uncached step re-reads), so every run
+prints one line per prompt length.
 """
 
 from __future__ import annotations
@@ -41,10 +43,29 @@ def timed_generate(model, prompt: torch.Tensor, new_tokens: int, use_cache: bool
     return out, time.perf_counter() - start
 
 
+def compare(model, prompt: torch.Tensor, new_tokens: int, repeats: int) -> str:
+    """One result line: cached and uncached tokens/s, their ratio, and whether tokens agree."""
+    # Alternate the two and keep each one's best time, so load from other processes on a shared
+    # machine skews the ratio less.
+    cached_s = uncached_s = float("inf")
+    for _ in range(repeats):
+        cached, seconds = timed_generate(model, prompt, new_tokens, use_cache=True)
+        cached_s = min(cached_s, seconds)
+        uncached, seconds = timed_generate(model, prompt, new_tokens, use_cache=False)
+        uncached_s = min(uncached_s, seconds)
+    return (
+        f"prompt {prompt.shape[1]:4d}: cached {new_tokens / cached_s:7.1f} tokens/s, "
+        f"uncached {new_tokens / uncached_s:6.1f} tokens/s, speedup {uncached_s / cached_s:5.1f}x "
+        f"(target >= 10x), same tokens: {torch.equal(cached, uncached)}"
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--new-tokens", type=int, default=256)
-    parser.add_argument("--prompt-len", type=int, default=32)
+    parser.add_argument(
+        "--prompt-lens", default="32,128,512", help="comma-separated prompt lengths, one line each"
+    )
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--repeats", type=int, default=3, help="runs of each; the best counts")
     parser.add_argument(
@@ -58,26 +79,15 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     model = build_model(CONFIG, seed=0).to(args.device)
-    g = torch.Generator().manual_seed(0)
-    prompt = torch.randint(0, CONFIG.vocab_size, (1, args.prompt_len), generator=g)
-    prompt = prompt.to(args.device)
-    # Alternate the two and keep each one's best time, so load from other processes on a shared
-    # machine skews the ratio less.
-    cached_s = uncached_s = float("inf")
-    for _ in range(args.repeats):
-        cached, seconds = timed_generate(model, prompt, args.new_tokens, use_cache=True)
-        cached_s = min(cached_s, seconds)
-        uncached, seconds = timed_generate(model, prompt, args.new_tokens, use_cache=False)
-        uncached_s = min(uncached_s, seconds)
     print(
         f"model: {count_parameters(model) / 1e6:.1f}M params, {CONFIG.num_hidden_layers} layers, "
-        f"hidden {CONFIG.hidden_size}; prompt {args.prompt_len}, {args.new_tokens} new tokens, "
-        f"{args.device}, {torch.get_num_threads()} threads, best of {args.repeats}"
+        f"hidden {CONFIG.hidden_size}; {args.new_tokens} new tokens, {args.device}, "
+        f"{torch.get_num_threads()} threads, best of {args.repeats}"
     )
-    print(f"cached:   {args.new_tokens / cached_s:8.1f} tokens/s")
-    print(f"uncached: {args.new_tokens / uncached_s:8.1f} tokens/s")
-    same = torch.equal(cached, uncached)
-    print(f"speedup:  {uncached_s / cached_s:8.1f}x (target >= 10x); same tokens: {same}")
+    g = torch.Generator().manual_seed(0)
+    for prompt_len in (int(x) for x in args.prompt_lens.split(",")):
+        prompt = torch.randint(0, CONFIG.vocab_size, (1, prompt_len), generator=g)
+        print(compare(model, prompt.to(args.device), args.new_tokens, args.repeats), flush=True)
 
 
 if __name__ == "__main__":
