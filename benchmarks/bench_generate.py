@@ -1,6 +1,6 @@
 """Cached vs. uncached greedy generation, tokens/s in the same run (run by hand).
 
-    python benchmarks/bench_generate.py [--new-tokens 256] [--prompt-lens 32,128,512] [--device cpu]
+    python benchmarks/bench_generate.py [--prompt-lens 32,128,512] [--device cpu] [--compile]
 
 Uncached generation re-runs the whole prefix for every new token, so its cost grows with the
 sequence; the KV cache makes each step one token. The original tool reported 19x; target >= 10x.
@@ -33,25 +33,27 @@ CONFIG = ModelConfig(
 )
 
 
-def timed_generate(model, prompt: torch.Tensor, new_tokens: int, use_cache: bool):
+def timed_generate(
+    model, prompt: torch.Tensor, new_tokens: int, use_cache: bool, compile: bool = False
+):
     """Greedy tokens (B, new_tokens) and the seconds they took, after a short warm-up."""
-    generate(model, prompt, 4, use_cache=use_cache)
+    generate(model, prompt, 4, use_cache=use_cache, compile=compile)
     start = time.perf_counter()
-    out = generate(model, prompt, new_tokens, use_cache=use_cache)
+    out = generate(model, prompt, new_tokens, use_cache=use_cache, compile=compile)
     if prompt.is_cuda:
         torch.cuda.synchronize()
     return out, time.perf_counter() - start
 
 
-def compare(model, prompt: torch.Tensor, new_tokens: int, repeats: int) -> str:
+def compare(model, prompt: torch.Tensor, new_tokens: int, repeats: int, compile: bool) -> str:
     """One result line: cached and uncached tokens/s, their ratio, and whether tokens agree."""
     # Alternate the two and keep each one's best time, so load from other processes on a shared
     # machine skews the ratio less.
     cached_s = uncached_s = float("inf")
     for _ in range(repeats):
-        cached, seconds = timed_generate(model, prompt, new_tokens, use_cache=True)
+        cached, seconds = timed_generate(model, prompt, new_tokens, True, compile)
         cached_s = min(cached_s, seconds)
-        uncached, seconds = timed_generate(model, prompt, new_tokens, use_cache=False)
+        uncached, seconds = timed_generate(model, prompt, new_tokens, False, compile)
         uncached_s = min(uncached_s, seconds)
     return (
         f"prompt {prompt.shape[1]:4d}: cached {new_tokens / cached_s:7.1f} tokens/s, "
@@ -67,6 +69,7 @@ def main() -> None:
         "--prompt-lens", default="32,128,512", help="comma-separated prompt lengths, one line each"
     )
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--compile", action="store_true", help="torch.compile both (warm-up pays)")
     parser.add_argument("--repeats", type=int, default=3, help="runs of each; the best counts")
     parser.add_argument(
         "--threads",
@@ -83,11 +86,13 @@ def main() -> None:
         f"model: {count_parameters(model) / 1e6:.1f}M params, {CONFIG.num_hidden_layers} layers, "
         f"hidden {CONFIG.hidden_size}; {args.new_tokens} new tokens, {args.device}, "
         f"{torch.get_num_threads()} threads, best of {args.repeats}"
+        f"{', compiled' if args.compile else ''}"
     )
     g = torch.Generator().manual_seed(0)
     for prompt_len in (int(x) for x in args.prompt_lens.split(",")):
         prompt = torch.randint(0, CONFIG.vocab_size, (1, prompt_len), generator=g)
-        print(compare(model, prompt.to(args.device), args.new_tokens, args.repeats), flush=True)
+        line = compare(model, prompt.to(args.device), args.new_tokens, args.repeats, args.compile)
+        print(line, flush=True)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ from apr_cli.errors import AprError
 from apr_cli.model.checkpoint import load_model, save_model
 from apr_cli.model.config import ModelConfig
 from apr_cli.model.generate import generate, next_token
-from apr_cli.model.qwen2 import build_model
+from apr_cli.model.qwen2 import KVCache, build_model
 
 CFG = ModelConfig(
     vocab_size=320,
@@ -47,11 +47,11 @@ def test_cached_logits_match_full_forward(model):
     x = prompts(2, 20)
     with torch.no_grad():
         full = model(x)  # (B, T, V)
-        model.setup_cache(2, 20)
-        try:
-            parts = [model(x[:, :12]), *(model(x[:, t : t + 1], start=t) for t in range(12, 20))]
-        finally:
-            model.clear_cache()
+        cache = KVCache(model, 2, 20)
+        parts = [
+            model(x[:, :12], 0, cache),
+            *(model(x[:, t : t + 1], t, cache) for t in range(12, 20)),
+        ]
     assert (torch.cat(parts, dim=1) - full).abs().max().item() < 1e-5
 
 
@@ -62,7 +62,6 @@ def test_greedy_with_cache_equals_rerunning_the_prefix(model):
     assert cached.shape == (2, 64) and cached.dtype == torch.long
     assert torch.equal(cached, uncached)
     assert len(set(cached[0].tolist())) > 5  # not one token repeated: the check means something
-    assert model.caches is None
 
 
 def test_sampling_is_seeded(model):
@@ -120,9 +119,10 @@ def saved(model, tmp_path_factory):
     return save_model(model, tmp_path_factory.mktemp("gen") / "model")
 
 
-def test_cli_prints_the_new_ids(model, saved):
+@pytest.mark.parametrize("extra", [[], ["--compile"]])
+def test_cli_prints_the_new_ids(model, saved, extra):
     result = CliRunner().invoke(
-        app, ["generate", str(saved), "--prompt-ids", "5,17,42", "--max-new-tokens", "10"]
+        app, ["generate", str(saved), "--prompt-ids", "5,17,42", "--max-new-tokens", "10", *extra]
     )
     assert result.exit_code == 0, result.output
     expected = generate(model, torch.tensor([[5, 17, 42]]), 10)[0].tolist()
@@ -197,3 +197,20 @@ def test_cli_errors_are_one_line(args, message):
     assert result.exit_code == 2
     assert message in result.stderr
     assert result.stderr.startswith("error:") and result.stderr.count("\n") == 1
+
+
+def test_compiled_generation_matches_eager_and_does_not_recompile(model):
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    x = prompts()
+    for use_cache in (True, False):
+        eager = generate(model, x, 12, use_cache=use_cache)
+        assert torch.equal(generate(model, x, 12, use_cache=use_cache, compile=True), eager)
+    graphs = counters["stats"]["unique_graphs"]
+    assert graphs == 3  # prefill, decode, uncached forward
+    # Other prompt and output lengths (so other cache lengths and positions) reuse them.
+    generate(model, prompts(2, 5), 20, compile=True)
+    generate(model, prompts(2, 5), 20, compile=True, use_cache=False)
+    assert counters["stats"]["unique_graphs"] == graphs

@@ -79,6 +79,14 @@ def generate(
     device: Annotated[
         str, typer.Option(help="torch device: cpu, cuda, cuda:1.", rich_help_panel=RUNTIME)
     ] = "cpu",
+    compile_model: Annotated[
+        bool,
+        typer.Option(
+            "--compile",
+            help="torch.compile the forward passes (pays off for long outputs).",
+            rich_help_panel=RUNTIME,
+        ),
+    ] = False,
     as_json: Annotated[
         bool, typer.Option("--json", help="Print one JSON object.", rich_help_panel=RUNTIME)
     ] = False,
@@ -122,6 +130,7 @@ def generate(
             temperature=temperature,
             top_p=top_p,
             generator=gen,
+            compile=compile_model,
         )[0].tolist()
         text = tok.decode(new) if tok is not None else None
 

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from apr_cli.errors import AprError
-from apr_cli.model.qwen2 import Qwen2ForCausalLM
+from apr_cli.model.qwen2 import KVCache, Qwen2ForCausalLM
 
 
 def next_token(
@@ -25,9 +25,11 @@ def next_token(
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
-def last_logits(model: Qwen2ForCausalLM, ids: torch.Tensor, start: int = 0) -> torch.Tensor:
+def last_logits(
+    model: Qwen2ForCausalLM, ids: torch.Tensor, start: int = 0, cache: KVCache | None = None
+) -> torch.Tensor:
     """Logits of the last position only (B, vocab): the full (B, T, vocab) is never needed."""
-    return F.linear(model.hidden_states(ids, start)[:, -1], model.output_weight)
+    return F.linear(model.hidden_states(ids, start, cache)[:, -1], model.output_weight)
 
 
 def generate(
@@ -39,8 +41,13 @@ def generate(
     top_p: float = 1.0,
     generator: torch.Generator | None = None,
     use_cache: bool = True,
+    compile: bool = False,
 ) -> torch.Tensor:
-    """The new tokens (B, max_new_tokens) after prompts (B, T); greedy when temperature is 0."""
+    """The new tokens (B, max_new_tokens) after prompts (B, T); greedy when temperature is 0.
+
+    `compile` runs the forward passes through torch.compile with dynamic shapes (a graph each
+    for prefill, decode and the uncached forward; positions and lengths do not recompile).
+    """
     if prompt_ids.dim() != 2 or prompt_ids.shape[1] == 0:
         raise AprError(
             f"prompt ids must be a non-empty (batch, length) tensor, got {list(prompt_ids.shape)}"
@@ -65,21 +72,22 @@ def generate(
             f"max_position_embeddings {cfg.max_position_embeddings}"
         )
     model.eval()
+    step = torch.compile(last_logits, dynamic=True) if compile else last_logits
     with torch.inference_mode():
+        # A fresh, dense inference tensor like every later step's input, so compiled steps see
+        # one kind and one stride pattern.
+        prompt_ids = prompt_ids.clone(memory_format=torch.contiguous_format)
         out = torch.empty(B, max_new_tokens, dtype=torch.long, device=prompt_ids.device)
         if not use_cache:
             seq = prompt_ids
             for i in range(max_new_tokens):
-                out[:, i] = next_token(last_logits(model, seq), temperature, top_p, generator)
-                seq = torch.cat([seq, out[:, i : i + 1]], dim=1)  # (B, T + i + 1)
+                out[:, i] = token = next_token(step(model, seq), temperature, top_p, generator)
+                seq = torch.cat([seq, token[:, None]], dim=1)  # (B, T + i + 1)
             return out
-        model.setup_cache(B, T + max_new_tokens)
-        try:
-            logits = last_logits(model, prompt_ids)  # prefill fills positions 0..T-1
-            for i in range(max_new_tokens):
-                out[:, i] = next_token(logits, temperature, top_p, generator)
-                if i + 1 < max_new_tokens:
-                    logits = last_logits(model, out[:, i : i + 1], start=T + i)
-        finally:
-            model.clear_cache()
+        cache = KVCache(model, B, T + max_new_tokens)
+        logits = step(model, prompt_ids, 0, cache)  # prefill fills positions 0..T-1
+        for i in range(max_new_tokens):
+            out[:, i] = token = next_token(logits, temperature, top_p, generator)
+            if i + 1 < max_new_tokens:
+                logits = step(model, token[:, None], T + i, cache)  # (B, 1) at position T + i
     return out

@@ -21,30 +21,15 @@ class RMSNorm(nn.Module):
         return self.weight * h.to(x.dtype)
 
 
-class KVCache(nn.Module):
-    """Preallocated keys and values of one layer for incremental decoding."""
-
-    def __init__(self, batch: int, kv_heads: int, max_len: int, head_dim: int, dtype, device):
-        super().__init__()
-        shape = (batch, kv_heads, max_len, head_dim)
-        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
-        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
-
-    def update(self, start: int, k: torch.Tensor, v: torch.Tensor):
-        end = start + k.shape[2]
-        self.k[:, :, start:end] = k
-        self.v[:, :, start:end] = v
-        return self.k[:, :, :end], self.v[:, :, :end]  # (B, n_kv, end, hd)
-
-
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
     """Rotate-half RoPE: x * cos + cat(-x2, x1) * sin, as x * cos + roll(x) * signed_sin."""
     return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * signed_sin
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, layer: int):
         super().__init__()
+        self.layer = layer  # this layer's slot in a KVCache
         self.n_head, self.n_kv, self.head_dim = (
             cfg.num_attention_heads,
             cfg.num_key_value_heads,
@@ -64,7 +49,7 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, signed_sin), apply_rope(k, cos, signed_sin)
         mask, causal = None, True
         if cache is not None:
-            k, v = cache.update(start, k, v)  # (B, nkv, start+T, hd)
+            k, v = cache.update(self.layer, start, k, v)  # (B, nkv, start+T, hd)
             causal = False
             if T > 1:  # queries sit at start..start+T-1; is_causal would align them to 0
                 q_pos = torch.arange(start, start + T, device=x.device)[:, None]
@@ -87,10 +72,10 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, layer: int):
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.self_attn = Attention(cfg)
+        self.self_attn = Attention(cfg, layer)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
 
@@ -105,7 +90,7 @@ class Backbone(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.num_hidden_layers))
+        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
 
@@ -119,8 +104,6 @@ class Qwen2ForCausalLM(nn.Module):
             if cfg.tie_word_embeddings
             else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         )
-        self.caches: nn.ModuleList | None = None
-        self.rope_table: tuple[torch.Tensor, torch.Tensor] | None = None  # for cached positions
 
     @property
     def output_weight(self) -> torch.Tensor:
@@ -140,21 +123,6 @@ class Qwen2ForCausalLM(nn.Module):
                     p.copy_(torch.randn(p.shape, generator=gen) * 0.02)
         return self
 
-    def setup_cache(self, batch: int, max_len: int) -> None:
-        """Allocate a KV cache for `generate`; `clear_cache` frees it."""
-        p = self.output_weight
-        c = self.config
-        self.caches = nn.ModuleList(
-            KVCache(batch, c.num_key_value_heads, max_len, c.head_dim, p.dtype, p.device)
-            for _ in range(c.num_hidden_layers)
-        )
-        # One table for every position the cache holds: a decode step then slices one row
-        # instead of rebuilding it (a handful of small ops per token).
-        self.rope_table = self.rope(0, max_len, p.dtype, p.device)
-
-    def clear_cache(self) -> None:
-        self.caches = self.rope_table = None
-
     def rope(self, start: int, T: int, dtype: torch.dtype, device: torch.device):
         """RoPE (cos, signed_sin) for positions start..start+T-1, each (T, head_dim)."""
         # Computed in fp32 rather than kept as a buffer: a buffer would be cast by
@@ -168,22 +136,52 @@ class Qwen2ForCausalLM(nn.Module):
         # sin with rotate_half's sign folded in, so apply_rope needs one roll, not chunk+neg+cat.
         return torch.cat((cos, cos), -1).to(dtype), torch.cat((-sin, sin), -1).to(dtype)
 
-    def hidden_states(self, input_ids: torch.Tensor, start: int = 0) -> torch.Tensor:
-        """Final-norm hidden states (B, T, hidden); uses the KV cache when one is set up."""
+    def hidden_states(
+        self, input_ids: torch.Tensor, start: int = 0, cache: KVCache | None = None
+    ) -> torch.Tensor:
+        """Final-norm hidden states (B, T, hidden) of positions start..start+T-1.
+
+        With a cache, keys and values of earlier positions come from it and this call's are
+        stored in it; without one, start must be 0.
+        """
         x = self.model.embed_tokens(input_ids)  # (B, T, C)
         T = input_ids.shape[1]
-        if self.rope_table is not None:
-            cos, sin = (t[start : start + T] for t in self.rope_table)
+        if cache is not None:
+            cos, sin = cache.cos[start : start + T], cache.signed_sin[start : start + T]
         else:
             cos, sin = self.rope(start, T, x.dtype, x.device)
-        for i, layer in enumerate(self.model.layers):
-            cache = self.caches[i] if self.caches is not None else None
+        for layer in self.model.layers:
             x = layer(x, cos, sin, cache, start)
         return self.model.norm(x)
 
-    def forward(self, input_ids: torch.Tensor, start: int = 0) -> torch.Tensor:
+    def forward(
+        self, input_ids: torch.Tensor, start: int = 0, cache: KVCache | None = None
+    ) -> torch.Tensor:
         """Logits (B, T, vocab)."""
-        return F.linear(self.hidden_states(input_ids, start), self.output_weight)
+        return F.linear(self.hidden_states(input_ids, start, cache), self.output_weight)
+
+
+class KVCache:
+    """Keys and values of every layer, preallocated for incremental decoding, and the RoPE rows
+    of every position they can hold (a decode step slices one row instead of rebuilding it).
+
+    A plain object passed to each call rather than model state, so the model stays stateless and
+    torch.compile sees the cache as an input whose length may vary.
+    """
+
+    def __init__(self, model: Qwen2ForCausalLM, batch: int, max_len: int):
+        c, p = model.config, model.output_weight
+        shape = (c.num_hidden_layers, batch, c.num_key_value_heads, max_len, c.head_dim)
+        self.k = torch.zeros(shape, dtype=p.dtype, device=p.device)
+        self.v = torch.zeros(shape, dtype=p.dtype, device=p.device)
+        self.cos, self.signed_sin = model.rope(0, max_len, p.dtype, p.device)  # (max_len, hd)
+
+    def update(self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor):
+        """Store k, v (B, n_kv, T, hd) at start..; return the layer's keys and values so far."""
+        end = start + k.shape[2]
+        self.k[layer, :, :, start:end] = k
+        self.v[layer, :, :, start:end] = v
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]  # (B, n_kv, end, hd)
 
 
 def build_model(cfg: ModelConfig, seed: int = 0) -> Qwen2ForCausalLM:
