@@ -83,7 +83,7 @@ def generate(
         bool,
         typer.Option(
             "--compile",
-            help="torch.compile the forward passes (pays off for long outputs).",
+            help="torch.compile the forward passes (the first call compiles; meant for GPUs).",
             rich_help_panel=RUNTIME,
         ),
     ] = False,
