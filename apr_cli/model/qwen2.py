@@ -16,7 +16,7 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Normalise in fp32 whatever the weights' dtype, as Qwen2 does; one fused op, not five.
+        # Normalise in fp32 whatever the weights' dtype, as Qwen2 does.
         h = F.rms_norm(x.float(), self.weight.shape, eps=self.eps)
         return self.weight * h.to(x.dtype)
 
@@ -142,7 +142,7 @@ class Qwen2ForCausalLM(nn.Module):
         """Final-norm hidden states (B, T, hidden) of positions start..start+T-1.
 
         With a cache, keys and values of earlier positions come from it and this call's are
-        stored in it; without one, start must be 0.
+        stored in it; without one, attention sees only these T positions.
         """
         x = self.model.embed_tokens(input_ids)  # (B, T, C)
         T = input_ids.shape[1]
