@@ -27,9 +27,8 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> 
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig, layer: int):
+    def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.layer = layer  # this layer's slot in a KVCache
         self.n_head, self.n_kv, self.head_dim = (
             cfg.num_attention_heads,
             cfg.num_key_value_heads,
@@ -41,7 +40,7 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.head_dim, bias=bias)
         self.o_proj = nn.Linear(self.n_head * self.head_dim, cfg.hidden_size, bias=False)
 
-    def forward(self, x, cos, signed_sin, cache: KVCache | None = None, start: int = 0):
+    def forward(self, x, cos, signed_sin, cache: KVCache | None = None, start=0, layer=0):
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, nh, T, hd)
         k = self.k_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
@@ -49,7 +48,7 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, signed_sin), apply_rope(k, cos, signed_sin)
         mask, causal = None, True
         if cache is not None:
-            k, v = cache.update(self.layer, start, k, v)  # (B, nkv, start+T, hd)
+            k, v = cache.update(layer, start, k, v)  # (B, nkv, start+T, hd)
             causal = False
             if T > 1:  # queries sit at start..start+T-1; is_causal would align them to 0
                 q_pos = torch.arange(start, start + T, device=x.device)[:, None]
@@ -72,15 +71,15 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: ModelConfig, layer: int):
+    def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.self_attn = Attention(cfg, layer)
+        self.self_attn = Attention(cfg)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, cos, signed_sin, cache=None, start=0):
-        x = x + self.self_attn(self.input_layernorm(x), cos, signed_sin, cache, start)
+    def forward(self, x, cos, signed_sin, cache=None, start=0, layer=0):
+        x = x + self.self_attn(self.input_layernorm(x), cos, signed_sin, cache, start, layer)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -90,7 +89,7 @@ class Backbone(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_hidden_layers))
+        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
 
@@ -147,11 +146,11 @@ class Qwen2ForCausalLM(nn.Module):
         x = self.model.embed_tokens(input_ids)  # (B, T, C)
         T = input_ids.shape[1]
         if cache is not None:
-            cos, sin = cache.cos[start : start + T], cache.signed_sin[start : start + T]
+            cos, signed_sin = cache.cos[start : start + T], cache.signed_sin[start : start + T]
         else:
-            cos, sin = self.rope(start, T, x.dtype, x.device)
-        for layer in self.model.layers:
-            x = layer(x, cos, sin, cache, start)
+            cos, signed_sin = self.rope(start, T, x.dtype, x.device)
+        for i, block in enumerate(self.model.layers):
+            x = block(x, cos, signed_sin, cache, start, i)  # i: the block's slot in the cache
         return self.model.norm(x)
 
     def forward(
