@@ -85,6 +85,13 @@ is_on() {
 # Read the environment once; nothing below reads a configuration variable directly.
 load_config() {
     HOST=${GX10_HOST:-gx10}
+    # Both end up in ssh's destination word: a leading '-' would be read as an option
+    # (-oProxyCommand=... runs a command locally), '@' or a space would change the target.
+    # Shown %q-quoted, so that the message stays one line whatever the value holds.
+    [[ $HOST =~ ^[A-Za-z0-9_][A-Za-z0-9_.:%-]*$ ]] ||
+        die "GX10_HOST $(q "$HOST") is not a host name (letters, digits, '.', '-', '_', ':', '%'; the user goes in GX10_USER)"
+    [[ -z ${GX10_USER:-} || $GX10_USER =~ ^[A-Za-z0-9_][A-Za-z0-9_.-]*$ ]] ||
+        die "GX10_USER $(q "$GX10_USER") is not a user name (letters, digits, '.', '-', '_', not starting with '-' or '.')"
     TARGET=${GX10_USER:+$GX10_USER@}$HOST
     REMOTE_REPO=${GX10_REPO_PATH:-"~/apr-dispatch"}
     RUN_PREFIX=${GX10_RUN_PREFIX:-$REMOTE_REPO/runs}
@@ -146,10 +153,10 @@ remote() {
     command="bash -c $(q "$script")"
     if (($#)); then
         # shellcheck disable=SC2029  # expanding here is the point: the script is quoted
-        "$@" | ssh "${SSH_OPTS[@]}" "$TARGET" "$command"
+        "$@" | ssh "${SSH_OPTS[@]}" -- "$TARGET" "$command"
     else
         # shellcheck disable=SC2029
-        ssh "${SSH_OPTS[@]}" "$TARGET" "$command"
+        ssh "${SSH_OPTS[@]}" -- "$TARGET" "$command"
     fi
 }
 

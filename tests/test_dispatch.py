@@ -46,6 +46,7 @@ while (($#)); do
     case $1 in
         -o | -p | -l | -i | -F | -J) shift 2 ;;
         -[46AaCfGgKkMNnqsTtVvXxYy]) shift ;;
+        --) shift; break ;;
         -*) echo "stand-in ssh: unsupported option $1" >&2; exit 255 ;;
         *) break ;;
     esac
@@ -199,7 +200,8 @@ def test_synthetic_dispatch_follows_the_run_and_fetches_evidence(remote):
     assert "warning: no GPU visible" in out.stderr
     assert "step 20/20" in out.stdout  # the log was followed
     calls = remote.ssh_calls()
-    assert all(f"tester@{HOST}" in call for call in calls)
+    # Options end before the destination, whatever GX10_SSH_OPTS holds.
+    assert all(f" -- tester@{HOST} " in call for call in calls)
     assert all("StrictHostKeyChecking=accept-new" in call for call in calls)
 
     manifest, victory = read_evidence(remote, "synthetic")
@@ -353,6 +355,31 @@ def test_existing_run_name_is_refused(remote):
     assert out.returncode == 1
     assert "already exists; choose another RUN_NAME" in out.stderr
     assert list(remote.run_dir("taken").iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    ("var", "value"),
+    [
+        ("GX10_HOST", "-oProxyCommand=touch {marker}"),
+        ("GX10_HOST", "box -oProxyCommand=touch {marker}"),
+        ("GX10_HOST", "box\n-oProxyCommand=touch {marker}"),
+        ("GX10_HOST", "someone@box"),
+        ("GX10_USER", "-oProxyCommand=touch {marker}"),
+        ("GX10_USER", "me@other-box"),
+    ],
+)
+@pytest.mark.parametrize("command", [[], ["fetch", "some-run"]], ids=["dispatch", "fetch"])
+def test_host_or_user_that_is_not_a_name_is_refused_before_ssh(remote, var, value, command):
+    """A host such as -oProxyCommand=... would land in ssh's option position."""
+    value = value.format(marker=remote.root / "PWNED-host")
+    out = remote.dispatch(*command, **SMALL_RUN, RUN_NAME="hostile", **{var: value})
+    assert out.returncode == 1
+    assert len(out.stderr.splitlines()) == 1
+    assert out.stderr.startswith(f"error: {var} ")
+    assert " is not a " in out.stderr
+    assert out.stdout == ""
+    assert remote.ssh_calls() == []
+    assert remote.markers() == []
 
 
 def test_bad_run_name_fails_before_ssh(remote):
