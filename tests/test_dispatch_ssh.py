@@ -122,6 +122,7 @@ def start_sshd(exe: str, root: Path, config_lines: list[str]) -> tuple[subproces
         config.write_text("\n".join([f"Port {port}", *config_lines]) + "\n")
         check = subprocess.run([exe, "-t", "-f", str(config)], capture_output=True, text=True)
         if check.returncode != 0:
+            # As root, sshd needs /run/sshd (its service or .ci/run makes it).
             pytest.skip(f"sshd cannot start here: {check.stderr.strip()}")
         proc = subprocess.Popen([exe, "-D", "-f", str(config), "-E", str(log)])
         deadline = time.monotonic() + 20
