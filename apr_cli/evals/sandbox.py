@@ -222,14 +222,19 @@ def kill_uid(uid: int) -> None:
 
 
 def pids_of(uid: int) -> Iterable[int]:
-    """Live processes whose owner is `uid` (from /proc)."""
+    """Live processes whose owner is `uid` (from /proc); zombies are dead and left out."""
     for name in os.listdir("/proc"):
-        if name.isdigit():
-            try:
-                if os.stat(f"/proc/{name}").st_uid == uid:
-                    yield int(name)
-            except OSError:
-                pass
+        if not name.isdigit():
+            continue
+        try:
+            if os.stat(f"/proc/{name}").st_uid != uid:
+                continue
+            with open(f"/proc/{name}/stat") as f:
+                state = f.read().rsplit(")", 1)[1].split()[0]
+        except (OSError, IndexError):
+            continue
+        if state != "Z":
+            yield int(name)
 
 
 def own_process_count() -> int:
