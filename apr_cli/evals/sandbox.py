@@ -88,7 +88,6 @@ class Sandbox:
         if workers < 1:
             raise AprError(f"--workers must be >= 1, got {workers}")
         self.limits, self.isolation, self.workers = limits, isolation, workers
-        self.root = os.geteuid() == 0
         # Distinct uids per evaluator process and worker, so RLIMIT_NPROC counts one program's
         # processes and a sweep by uid can only hit that program's.
         self.uid_base = UID_BASE + (os.getpid() % 50_000) * 256 + 1
