@@ -167,3 +167,17 @@ def test_the_work_dir_is_fresh_and_removed(sandbox):
 )
 def test_classify(report, returncode, timed_out, expected):
     assert classify(report, returncode, timed_out, 3.0) == expected
+
+
+def test_without_unshare_the_fallback_still_contains(monkeypatch, tmp_path):
+    monkeypatch.setenv("PATH", str(tmp_path))  # no unshare to be found
+    isolation = probe_isolation(LIMITS)
+    assert not isolation.namespaces
+    box = Sandbox(LIMITS, isolation, workers=1)
+    escape = (
+        "    import os, time\n    if os.fork() == 0:\n        os.setsid()\n        time.sleep(60)\n"
+    )
+    assert run(box, escape + "    return a + b\n").status == "passed"
+    assert run(box, "    import os\n    os.kill(os.getppid(), 9)\n").status != "passed"
+    assert run(box, "    while True:\n        pass\n").status == "timeout"
+    assert_no_process_left(box)  # the child that left the group was swept (as root)
