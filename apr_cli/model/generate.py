@@ -122,16 +122,16 @@ def generate_batch(
     if max_new_tokens == 0:
         return out
     total = T + max_new_tokens
-    positions = mask = None
+    positions = real = prefill_mask = None
     if any(len(p) < T for p in prompts):
         pad = torch.tensor([T - len(p) for p in prompts], device=device)  # (B,)
         cols = torch.arange(total, device=device)
         positions = (cols - pad[:, None]).clamp(min=0)  # (B, total)
         real = cols >= pad[:, None]  # (B, total): False on the padding
-        causal = cols[None, :] <= cols[:, None]  # (total, total)
+        causal = torch.ones(T, T, dtype=torch.bool, device=device).tril()
         # Every query also sees itself, so a padding query's softmax is never over nothing.
-        mask = (causal & real[:, None, :]) | torch.eye(total, dtype=torch.bool, device=device)
-        mask = mask[:, None]  # (B, 1, total, total)
+        eye = torch.eye(T, dtype=torch.bool, device=device)
+        prefill_mask = ((causal & real[:, None, :T]) | eye)[:, None]  # (B, 1, T, T)
     rows = list(range(B))  # the output row of each batch row still running
     with torch.inference_mode():
         cache = KVCache(model, B, total)
@@ -141,7 +141,7 @@ def generate_batch(
             0,
             cache,
             None if positions is None else positions[:, :T],
-            None if mask is None else mask[:, :, :T, :T],
+            prefill_mask,
         )  # prefill fills cache slots 0..T-1
         for i in range(max_new_tokens):
             tokens = next_token(logits, temperature, top_p, generator).tolist()
@@ -157,8 +157,8 @@ def generate_batch(
             if len(keep) < len(rows):  # finished rows leave: the batch shrinks, never idles
                 index = torch.tensor(keep, device=device)
                 cache.k, cache.v = cache.k[:, index], cache.v[:, index]
-                positions = None if positions is None else positions[index]
-                mask = None if mask is None else mask[index]
+                if real is not None:
+                    positions, real = positions[index], real[index]
                 rows = [rows[b] for b in keep]
             token = torch.tensor([[tokens[b]] for b in keep], device=device)  # (B', 1)
             c = T + i  # the cache slot of this token
@@ -168,7 +168,7 @@ def generate_batch(
                 c,
                 cache,
                 None if positions is None else positions[:, c : c + 1],
-                None if mask is None else mask[:, :, c : c + 1, : c + 1],
+                None if real is None else real[:, None, None, : c + 1],  # (B', 1, 1, c + 1)
             )
     return out
 
