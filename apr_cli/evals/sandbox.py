@@ -137,7 +137,7 @@ class Sandbox:
             return cmd
         # --kill-child: the program dies with unshare; as pid 1 of its namespace, its death
         # takes every process it started. As root, --setuid drops to the worker's uid inside.
-        ns = ["unshare", "--net", "--pid", "--fork", "--kill-child"]
+        ns = [shutil.which("unshare") or "unshare", "--net", "--pid", "--fork", "--kill-child"]
         ns += ["--setuid", str(uid), "--setgid", str(uid)] if uid is not None else ["-r"]
         return ns + cmd
 
