@@ -102,3 +102,11 @@ def test_a_failure_on_rank_0_stops_every_rank(tmp_path):
     assert proc.returncode != 0
     assert "could not be written" in proc.stderr
     assert json.loads((out / "dispatch.json").read_text())["status"] == "failed"
+
+
+def test_plan_under_torchrun_shows_the_per_rank_micro_batch():
+    proc = run(2, "--plan", "--json", "--batch-size", "8", "--grad-accum", "2", "--device", "cpu")
+    assert proc.returncode == 0, proc.stderr
+    plan = json.loads(proc.stdout)  # rank 0's plan alone
+    assert plan["backend"]["world_size"] == 2
+    assert plan["micro_batch_size"] == 2  # 8 rows / (2 micro-batches x 2 ranks)

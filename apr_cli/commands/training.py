@@ -52,7 +52,8 @@ def run_training(
         else:
             prepared = prepare(options)
             if flags.plan_only:
-                render_plan(prepared, flags.json_output, lines)
+                if prepared.backend.is_main:  # under torchrun, one plan, not one per rank
+                    render_plan(prepared, flags.json_output, lines)
                 return
             out = flags.out or default_run_dir(name)
             run, manifest = run_lib.start(prepared, out, overwrite=flags.overwrite, emit=emit)

@@ -25,7 +25,11 @@ PRESET_TEACHER_WARMUP = 50
 
 @dataclass
 class Prepared:
-    """Models, data and backend resolved and checked; nothing written yet."""
+    """Models, data and backend resolved and checked; nothing written yet.
+
+    The models start on the meta device (shapes only); `load_teacher` and `load_student` give
+    them weights when a run trains.
+    """
 
     options: DistillOptions
     backend: Backend
@@ -52,16 +56,18 @@ class Prepared:
 
 
 def prepare(options: DistillOptions) -> Prepared:
-    """Resolve and check everything a run needs, failing before any file is written."""
+    """Resolve and check everything a run needs, failing before any file is written.
+
+    Models are built on the meta device from presets and checkpoint headers, so a plan of a 7B
+    teacher costs no weights in memory.
+    """
     options.validate()
     cfg = options.train
     backend = select_backend(options.device)
     seed_everything(cfg.seed)
     teacher, teacher_info = None, None
     if options.teacher is not None:
-        teacher, teacher_info = load_model(
-            options.teacher, dtype=backend.teacher_dtype, device=backend.device, seed=cfg.seed + 1
-        )
+        teacher, teacher_info = load_model(options.teacher, dtype=backend.teacher_dtype, meta=True)
     if options.student_init is not None:
         if teacher is None:
             raise AprError("--student-init needs a --teacher to take layers from")
@@ -78,9 +84,7 @@ def prepare(options: DistillOptions) -> Prepared:
         }
     else:
         # Student weights stay fp32: they are the optimizer's master copy.
-        student, student_info = load_model(
-            options.student, dtype=torch.float32, device=backend.device, seed=cfg.seed
-        )
+        student, student_info = load_model(options.student, dtype=torch.float32, meta=True)
     models = [m for m in (teacher, student) if m is not None]
     vocab = (
         shared_vocab_size(teacher.config.vocab_size, student.config.vocab_size)
@@ -108,14 +112,38 @@ def prepare(options: DistillOptions) -> Prepared:
         source.check_seq_len(cfg.seq_len)
     else:
         source = SyntheticBatchSource(vocab, rank=backend.rank, world_size=backend.world_size)
-    warnings = []
-    if teacher is not None and same_model(teacher, student, teacher_info, student_info):
-        warnings.append(
+    return Prepared(
+        options, backend, teacher, student, teacher_info, student_info, source, vocab, []
+    )
+
+
+def load_teacher(p: Prepared) -> None:
+    """Give the teacher its weights (a preset's seeded init, or the checkpoint's)."""
+    if p.teacher_info is None:
+        return
+    p.teacher, _ = load_model(
+        p.teacher_info["spec"],
+        dtype=p.backend.teacher_dtype,
+        device=p.backend.device,
+        seed=p.options.train.seed + 1,
+    )
+
+
+def load_student(p: Prepared) -> None:
+    """Give the student its weights: copied from the teacher as it is now, or loaded."""
+    if p.student_info["kind"] == "teacher-layers":
+        p.student = init_student_from_teacher(p.teacher, p.student_info["layers"]).float()
+    else:
+        p.student, _ = load_model(
+            p.student_info["spec"],
+            dtype=torch.float32,
+            device=p.backend.device,
+            seed=p.options.train.seed,
+        )
+    if p.teacher is not None and same_model(p.teacher, p.student, p.teacher_info, p.student_info):
+        p.warnings.append(
             "warning: teacher and student are the same model: there is nothing to distill"
         )
-    return Prepared(
-        options, backend, teacher, student, teacher_info, student_info, source, vocab, warnings
-    )
 
 
 def same_model(a: Qwen2ForCausalLM, b: Qwen2ForCausalLM, a_info: dict, b_info: dict) -> bool:
@@ -163,7 +191,7 @@ def plan(p: Prepared) -> dict[str, Any]:
         "backend": p.backend.describe(),
         "hyperparameters": cfg.to_dict(),
         "tokens_per_step": cfg.batch_size * cfg.seq_len,
-        "micro_batch_size": cfg.batch_size // cfg.grad_accum,
+        "micro_batch_size": cfg.batch_size // (cfg.grad_accum * p.backend.world_size),
         "memory_estimate_bytes": estimate_memory(p),
     }
 

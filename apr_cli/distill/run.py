@@ -15,7 +15,14 @@ from apr_cli.distill.options import DistillOptions, resumed_options
 from apr_cli.distill.parallel import any_rank
 from apr_cli.distill.pipeline import Pipeline
 from apr_cli.distill.plot import write_loss_plot
-from apr_cli.distill.prepare import Prepared, plan, prepare, warm_up_teacher
+from apr_cli.distill.prepare import (
+    Prepared,
+    load_student,
+    load_teacher,
+    plan,
+    prepare,
+    warm_up_teacher,
+)
 from apr_cli.distill.reporting import (
     Emit,
     RunReporter,
@@ -55,16 +62,19 @@ def start(
         emit(line)
         run.log(line)
 
-    for line in (dataset_line(p.options), *p.warnings):
-        emit_and_log(line)
+    emit_and_log(dataset_line(p.options))
     try:
+        load_teacher(p)
         manifest["teacher_warmup"] = warm_up_teacher(p, emit_and_log)
         if manifest["teacher_warmup"] is not None and run.writable:
             # A resumed run must distill from this same teacher, not warm up a new one.
             save_model(p.teacher, run.path / TEACHER_WARMED)
+        load_student(p)  # after the warm-up: teacher-layers copies the warmed teacher
     except BaseException as e:
         finish_failed(run, manifest, e, steps_completed=0)
         raise
+    for line in p.warnings:
+        emit_and_log(line)
     teacher = (
         f"{p.teacher_info['spec']} ({p.teacher_info['parameters']:,} params)"
         if p.teacher_info is not None
@@ -104,6 +114,8 @@ def resume(
     load = replace(options, teacher=str(warmed), teacher_warmup=0) if warmed.is_dir() else options
     p = prepare(load)
     p.options = options
+    load_teacher(p)
+    load_student(p)
     run.writable = p.backend.is_main
     emit = main_only(emit, p)
     run.truncate_logs(checkpoint["log_bytes"], step)

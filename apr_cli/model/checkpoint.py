@@ -43,13 +43,23 @@ def load_model(
     dtype: torch.dtype | None = None,
     device: str | torch.device = "cpu",
     seed: int = 0,
+    meta: bool = False,
 ) -> tuple[Qwen2ForCausalLM, dict[str, Any]]:
-    """A model from a local folder, a preset name or a cached hub id, and its description."""
+    """A model from a local folder, a preset name or a cached hub id, and its description.
+
+    `meta` builds it on the meta device after every check, reading checkpoint headers only:
+    shapes and sizes for a plan, no weights in memory.
+    """
     path = Path(spec).expanduser()
     if path.is_dir():
         kind, folder = "local", path
     elif spec in PRESETS:
-        model = build_model(PRESETS[spec], seed).to(device=device, dtype=dtype or torch.float32)
+        if meta:
+            with torch.device("meta"):
+                model = Qwen2ForCausalLM(PRESETS[spec])
+        else:
+            model = build_model(PRESETS[spec], seed).to(device)
+        model = model.to(dtype or torch.float32)
         return model, describe(model, spec, "preset", None)
     elif path.exists():
         raise AprError(f"model {spec}: is a file; pass the folder holding {CONFIG}")
@@ -60,7 +70,7 @@ def load_model(
             f"model {spec}: no such folder, and not a preset ({', '.join(sorted(PRESETS))}) "
             "or a hub id (org/name)"
         )
-    model = load_checkpoint(folder, dtype=dtype, device=device)
+    model = load_checkpoint(folder, dtype=dtype, device=device, meta=meta)
     return model, describe(model, spec, kind, folder)
 
 
@@ -161,9 +171,16 @@ def read_headers(files: list[Path]) -> dict[str, tuple[Path, list[int], str]]:
 
 
 def load_checkpoint(
-    folder: Path, *, dtype: torch.dtype | None = None, device: str | torch.device = "cpu"
+    folder: Path,
+    *,
+    dtype: torch.dtype | None = None,
+    device: str | torch.device = "cpu",
+    meta: bool = False,
 ) -> Qwen2ForCausalLM:
-    """A model from a Hugging Face folder, every tensor name and shape checked first."""
+    """A model from a Hugging Face folder, every tensor name and shape checked first.
+
+    `meta` stops after the checks: the model stays on the meta device, in `dtype`.
+    """
     cfg = read_config(folder)
     found = read_headers(weight_files(folder))
     with torch.device("meta"):
@@ -193,6 +210,8 @@ def load_checkpoint(
         if file_dtype not in SAFETENSORS_DTYPES:
             raise AprError(f"{folder}: weights are {file_dtype}; pass a float dtype to load them")
         dtype = SAFETENSORS_DTYPES[file_dtype]
+    if meta:
+        return model.to(dtype)
 
     # Tensor by tensor, straight into the target dtype and device: the only full copy in memory
     # is the model itself.
