@@ -244,3 +244,15 @@ def test_stop_text_ends_a_row_with_the_token_that_completes_it(model):
     stopped = generate_batch(model, batch, 40, stop=Stop(texts=(text,), decode=tok.decode))
     assert stopped[0] == free[0][: len(stopped[0])] and text in tok.decode(stopped[0])
     assert text not in tok.decode(stopped[0][:-1])
+
+
+def test_generate_defaults_to_auto_like_every_other_command():
+    result = CliRunner().invoke(
+        app, ["generate", "tiny-student", "--prompt-ids", "1", "--max-new-tokens", "2", "--json"]
+    )
+    assert result.exit_code == 0, result.stderr
+    expected = "cuda" if torch.cuda.is_available() else "cpu"
+    assert json.loads(result.stdout)["device"] == expected
+    assert "default: auto" in " ".join(
+        CliRunner().invoke(app, ["generate", "--help"]).stdout.split()
+    )

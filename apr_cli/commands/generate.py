@@ -92,8 +92,12 @@ def generate(
         ),
     ] = 0,
     device: Annotated[
-        str, typer.Option(help="torch device: cpu, cuda, cuda:1.", rich_help_panel=RUNTIME)
-    ] = "cpu",
+        str,
+        typer.Option(
+            help="torch device: auto (CUDA when available, else CPU), cpu, cuda, cuda:1.",
+            rich_help_panel=RUNTIME,
+        ),
+    ] = "auto",
     compile_model: Annotated[
         bool,
         typer.Option(
@@ -145,6 +149,7 @@ def generate(
             "temperature": temperature,
             "top_p": top_p,
             "seed": seed,
+            "device": str(dev),
         }
         typer.echo(json.dumps(result))
         return
