@@ -2,9 +2,10 @@
 
 import pytest
 import torch
+from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointWrapper
 
 from apr_cli.data.source import SyntheticBatchSource
-from apr_cli.distill.pipeline import Pipeline, TrainConfig
+from apr_cli.distill.pipeline import Pipeline, TrainConfig, TrainingDiverged
 from apr_cli.errors import AprError
 from apr_cli.model.config import ModelConfig
 from apr_cli.model.qwen2 import build_model
@@ -141,3 +142,25 @@ def test_learning_rate_warms_up_then_decays_to_the_floor():
 def test_bad_settings_name_their_flag(change, flag):
     with pytest.raises(AprError, match=flag):
         TrainConfig(**change).validate(max_seq_len=2048)
+
+
+def test_a_diverged_step_is_not_counted_as_completed():
+    student, teacher = models()
+    # An absurd learning rate blows the weights up after the first step.
+    pipe = Pipeline(student, teacher, TrainConfig(steps=10, batch_size=4, seq_len=8, lr=1e30))
+    with pytest.raises(TrainingDiverged) as e:
+        pipe.train()
+    assert pipe.step == len(pipe.losses) >= 1  # the manifest's steps_completed
+    assert f"at step {pipe.step + 1};" in str(e.value)
+
+
+def test_activation_checkpointing_changes_memory_not_results():
+    config = TrainConfig(steps=2, batch_size=4, seq_len=8, warmup=1)
+    plain, _, plain_result, _ = train(config, source=RowStreamSource(CFG.vocab_size))
+    ckpt_config = TrainConfig(**{**config.to_dict(), "activation_checkpointing": True})
+    ckpt, _, ckpt_result, _ = train(ckpt_config, source=RowStreamSource(CFG.vocab_size))
+    assert all(isinstance(b, CheckpointWrapper) for b in ckpt.model.layers)
+    assert ckpt_result.final_loss == plain_result.final_loss
+    assert ckpt.state_dict().keys() == plain.state_dict().keys()  # saved checkpoints unchanged
+    for name, t in plain.state_dict().items():
+        torch.testing.assert_close(ckpt.state_dict()[name], t, rtol=0, atol=0, msg=name)

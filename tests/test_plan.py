@@ -10,7 +10,7 @@ import torch
 
 from apr_cli.distill.options import DistillOptions
 from apr_cli.distill.pipeline import TrainConfig
-from apr_cli.distill.prepare import prepare
+from apr_cli.distill.prepare import estimate_memory, prepare
 from apr_cli.distill.run import start
 from apr_cli.model.checkpoint import save_model
 from apr_cli.model.config import ModelConfig
@@ -67,3 +67,12 @@ def test_teacher_layers_are_copied_from_the_warmed_up_teacher(tmp_path):
     # The warm-up moved the teacher away from its seeded init, so the copy above is the warmed one.
     fresh = build_model(ModelConfig.from_name("tiny-teacher"), seed=options.train.seed + 1)
     assert not torch.equal(fresh.state_dict()["model.norm.weight"], teacher["model.norm.weight"])
+
+
+def test_activation_checkpointing_lowers_the_planned_activations():
+    def activations(**train):
+        options = DistillOptions(train=TrainConfig(batch_size=4, seq_len=16, **train))
+        return estimate_memory(prepare(options))["activations"]
+
+    # tiny-student: 2 layers, so 2 x 16 saved tensors per token become 2 + 16.
+    assert activations(activation_checkpointing=True) * 32 == activations() * 18

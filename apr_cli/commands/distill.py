@@ -9,6 +9,7 @@ import typer
 from apr_cli.commands.options import (
     LOSS,
     MODELS,
+    ActivationCheckpointing,
     BatchSize,
     Compile,
     Dataset,
@@ -103,6 +104,7 @@ def distill(
     ] = TrainConfig.beta,
     loss_chunk: LossChunk = TrainConfig.loss_chunk,
     compile_models: Compile = False,
+    activation_checkpointing: ActivationCheckpointing = False,
     fsdp: Fsdp = False,
     out: Out = None,
     resume: Resume = None,
@@ -140,6 +142,7 @@ def distill(
             seed=seed,
             loss_chunk=loss_chunk,
             compile=compile_models,
+            activation_checkpointing=activation_checkpointing,
         ),
     )
     flags = RunFlags(out, resume, overwrite, plan_only, json_output)

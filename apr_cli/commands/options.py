@@ -77,6 +77,14 @@ Compile = Annotated[
         "--compile", help="torch.compile the models' forward passes.", rich_help_panel=TRAINING
     ),
 ]
+ActivationCheckpointing = Annotated[
+    bool,
+    typer.Option(
+        help="Recompute each student block's activations in backward instead of keeping them: "
+        "less memory for a student that does not fit, about a third more compute.",
+        rich_help_panel=TRAINING,
+    ),
+]
 Fsdp = Annotated[
     bool,
     typer.Option(

@@ -8,6 +8,7 @@ import typer
 
 from apr_cli.commands.options import (
     MODELS,
+    ActivationCheckpointing,
     BatchSize,
     Compile,
     Dataset,
@@ -59,6 +60,7 @@ def train(
     device: Device = DistillOptions.device,
     loss_chunk: LossChunk = TrainConfig.loss_chunk,
     compile_models: Compile = False,
+    activation_checkpointing: ActivationCheckpointing = False,
     fsdp: Fsdp = False,
     out: Out = None,
     resume: Resume = None,
@@ -93,6 +95,7 @@ def train(
             seed=seed,
             loss_chunk=loss_chunk,
             compile=compile_models,
+            activation_checkpointing=activation_checkpointing,
         ),
     )
     flags = RunFlags(out, resume, overwrite, plan_only, json_output)

@@ -53,7 +53,16 @@ class DistillOptions:
 # Fields a resumed run may change: they do not change what the student learns. A test checks
 # each names a field of DistillOptions or TrainConfig.
 RESUMABLE_CHANGES = frozenset(
-    {"steps", "device", "save_every", "keep_checkpoints", "loss_chunk", "compile", "fsdp"}
+    {
+        "steps",
+        "device",
+        "save_every",
+        "keep_checkpoints",
+        "loss_chunk",
+        "compile",
+        "fsdp",
+        "activation_checkpointing",
+    }
 )
 
 

@@ -4,11 +4,17 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
+from safetensors import safe_open
 from torch import nn
+from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
+    CheckpointWrapper,
+    checkpoint_wrapper,
+)
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -16,11 +22,13 @@ from torch.distributed.checkpoint.state_dict import (
     set_model_state_dict,
     set_optimizer_state_dict,
 )
-from torch.distributed.fsdp import fully_shard
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 
 from apr_cli.distill.backend import Backend
 from apr_cli.distill.losses import distill_loss
+from apr_cli.model.checkpoint import read_headers, weight_files
 
 FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
 
@@ -57,22 +65,95 @@ class StudentLoss(nn.Module):
         return torch.stack([parts.loss, parts.kd, parts.ce])
 
 
+def checkpoint_blocks(student: nn.Module) -> None:
+    """Keep only each block's input for backward and recompute the rest (activation
+    checkpointing). The wrapper leaves parameter names and state dicts unchanged."""
+    layers = student.model.layers
+    for i, block in enumerate(layers):
+        if not isinstance(block, CheckpointWrapper):
+            layers[i] = checkpoint_wrapper(block)
+
+
 def wrap(module: StudentLoss, backend: Backend, parallel: str) -> nn.Module:
     """DDP (replicated student) or FSDP2 (each block and the rest sharded) when distributed."""
     if backend.world_size == 1:
         return module
     if parallel == "fsdp":
+        mp = mixed_precision(backend)
         for block in module.student.model.layers:
-            fully_shard(block)
-        return fully_shard(module)
+            fully_shard(block, mp_policy=mp)
+        return fully_shard(module, mp_policy=mp)
     device_ids = [backend.device.index] if backend.device.type == "cuda" else None
     return DistributedDataParallel(module, device_ids=device_ids)
 
 
-def shard_teacher(teacher: nn.Module) -> None:
-    """Shard the frozen teacher's blocks; embeddings and head stay whole for the loss."""
-    for block in teacher.model.layers:
-        fully_shard(block)
+def mixed_precision(backend: Backend) -> MixedPrecisionPolicy:
+    """On CUDA, gathered student weights in bf16 for compute and gradients reduced in fp32 (the
+    fp32 shards stay the optimizer's master copy); on the CPU everything stays fp32."""
+    if backend.autocast_dtype is None:
+        return MixedPrecisionPolicy()
+    return MixedPrecisionPolicy(param_dtype=backend.autocast_dtype, reduce_dtype=torch.float32)
+
+
+class TeacherHidden(nn.Module):
+    """The teacher's final hidden states as a module's forward, so FSDP2 has a root to act on."""
+
+    def __init__(self, teacher: nn.Module):
+        super().__init__()
+        self.teacher = teacher
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        return self.teacher.hidden_states(inputs)  # (B, T, C_t)
+
+
+def shard_teacher(teacher: nn.Module) -> nn.Module:
+    """The frozen teacher's blocks sharded at rest; embeddings, norm and head stay whole.
+
+    Returns the module to call for hidden states. Each block is gathered for its forward and
+    resharded after it (there is no backward to do it for a frozen teacher); the next block's
+    gather is issued as each block starts, so communication overlaps compute. Without the root
+    above them each block would be its own FSDP2 root, and a root keeps its gathered weights.
+    """
+    shard_blocks(teacher)
+    whole = {p for name, p in teacher.named_parameters() if not name.startswith("model.layers.")}
+    return fully_shard(TeacherHidden(teacher), ignored_params=whole)
+
+
+def shard_blocks(teacher: nn.Module) -> None:
+    """fully_shard each block once (on the meta device too), prefetching the next in forward."""
+    blocks = list(teacher.model.layers)
+    if isinstance(blocks[0], FSDPModule):  # already sharded by load_local_shards
+        return
+    for block in blocks:
+        fully_shard(block, reshard_after_forward=True)
+    for block, following in zip(blocks, blocks[1:], strict=False):
+        block.set_modules_to_forward_prefetch([following])
+
+
+def load_local_shards(model: nn.Module, folder: Path, device: torch.device) -> None:
+    """Give a meta model its checkpoint's weights with the blocks sharded, reading only this
+    rank's rows of each block tensor: a rank never holds the whole teacher, not even to load.
+
+    FSDP2 shards dim 0 as torch.chunk does: rank r holds rows r*c .. (r+1)*c, c = ceil(n/W).
+    """
+    shard_blocks(model)
+    model.to_empty(device=device)
+    found = read_headers(weight_files(folder))
+    rank, world = dist.get_rank(), dist.get_world_size()
+    with contextlib.ExitStack() as stack, torch.no_grad():
+        files = {
+            file: stack.enter_context(safe_open(file, framework="pt"))
+            for file in {file for file, _, _ in found.values()}
+        }
+        for name, param in model.named_parameters():  # a tied head is the embedding's name
+            file, shape, _ = found[name]
+            rows = files[file].get_slice(name)
+            if isinstance(param, DTensor):
+                local = param.to_local()
+                start = min(rank * -(-shape[0] // world), shape[0])
+                local.copy_(rows[start : start + local.shape[0]])
+            else:
+                param.copy_(rows[:])
 
 
 @contextlib.contextmanager

@@ -38,6 +38,7 @@ class TrainConfig:
     seed: int = 0
     loss_chunk: int = 0  # tokens per loss block; 0 picks a size that bounds logits memory
     compile: bool = False  # torch.compile the student's and teacher's forward
+    activation_checkpointing: bool = False  # recompute student block activations in backward
 
     def validate(self, max_seq_len: int | None = None) -> None:
         """Refuse settings that cannot train, naming the flag."""
@@ -143,18 +144,20 @@ class Pipeline:
         device, world = self.backend.device, self.backend.world_size
         self.student = student.to(device).train()
         self.teacher = teacher
-        if teacher is not None:
-            teacher.to(device).eval().requires_grad_(False)
-            if parallel == "fsdp" and world > 1:
-                parallel_lib.shard_teacher(teacher)
         self.sharded_teacher = teacher is not None and parallel == "fsdp" and world > 1
         # Compiled callables share parameters with the modules, which stay plain for saving.
         self.teacher_forward = None if teacher is None else teacher.hidden_states
+        if teacher is not None:
+            teacher.to(device).eval().requires_grad_(False)
+        if self.sharded_teacher:
+            self.teacher_forward = parallel_lib.shard_teacher(teacher)
         if teacher is not None and config.compile:
-            self.teacher_forward = torch.compile(teacher.hidden_states)
+            self.teacher_forward = torch.compile(self.teacher_forward)
         self.source = source or SyntheticBatchSource(
             student.config.vocab_size, rank=self.backend.rank, world_size=world
         )
+        if config.activation_checkpointing:
+            parallel_lib.checkpoint_blocks(student)
         # Parameters are wrapped (DDP) or sharded (FSDP2) before the optimizer sees them.
         self.model = parallel_lib.wrap(
             parallel_lib.StudentLoss(student, config.compile), self.backend, parallel
@@ -167,7 +170,7 @@ class Pipeline:
             ],
             lr=config.lr,
             betas=(0.9, 0.95),
-            foreach=device.type == "cuda",
+            fused=device.type == "cuda",  # one kernel for every parameter's update
         )
         self.loss_options = {
             "kind": config.loss,
@@ -234,7 +237,11 @@ class Pipeline:
         self.train_seconds = state["train_seconds"]
 
     def train_step(self) -> StepMetrics:
-        """One optimizer step over `grad_accum` micro-batches."""
+        """One optimizer step over `grad_accum` micro-batches.
+
+        The step line's numbers are the one device-to-host copy: nothing else waits for the
+        device, so the CPU queues the next micro-batch while the GPU works on this one.
+        """
         cfg, device = self.config, self.backend.device
         t0 = time.perf_counter()
         lr = cfg.lr_at(self.step)
@@ -245,15 +252,16 @@ class Pipeline:
         batches = [self.source.next_batch(micro, cfg.seq_len) for _ in range(cfg.grad_accum)]
         # Weigh micro-batches by their share of the global batch's tokens, so accumulation and
         # data parallelism both equal one big batch; DDP/FSDP average gradients, hence * world.
+        # Counted on the CPU copies of the labels; the global total stays on the device.
         counts = [int((labels != IGNORE_INDEX).sum()) for _, labels in batches]
-        local = torch.tensor([float(sum(counts))], device=device)
-        total = max(1.0, parallel_lib.all_reduce_sum(local, self.backend).item())
+        total = torch.full((), float(sum(counts)), device=device)
+        total = parallel_lib.all_reduce_sum(total, self.backend).clamp(min=1.0)
         self.optimizer.zero_grad(set_to_none=True)
-        sums = torch.zeros(3, device=device)
+        sums = torch.zeros(3, device=device)  # loss, kd, ce over the global batch
         teacher_weight = None if self.teacher is None else self.teacher.output_weight
         for i, (inputs, labels) in enumerate(batches):
-            inputs, labels = inputs.to(device), labels.to(device)
-            weight = counts[i] / total
+            inputs, labels = to_device(inputs, device), to_device(labels, device)
+            weight = counts[i] / total  # () on the device
             teacher_hidden = self.teacher_hidden(inputs)
             last = i == len(batches) - 1
             with parallel_lib.gradient_sync(self.model, last), self.backend.autocast():
@@ -266,10 +274,10 @@ class Pipeline:
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
         if hasattr(grad_norm, "full_tensor"):  # a DTensor under FSDP2
             grad_norm = grad_norm.full_tensor()
-        loss, kd, ce = sums.tolist()
+        loss, kd, ce, norm = to_host(torch.cat([sums, grad_norm.reshape(1).to(sums.dtype)]))
+        if not math.isfinite(loss):  # the step is not taken: self.step counts completed steps
+            raise TrainingDiverged(self.step + 1, loss)
         self.step += 1
-        if not math.isfinite(loss):
-            raise TrainingDiverged(self.step, loss)
         self.optimizer.step()
         elapsed = time.perf_counter() - t0
         self.losses.append(loss)
@@ -281,7 +289,7 @@ class Pipeline:
             kd_loss=kd,
             ce_loss=ce,
             lr=lr,
-            grad_norm=float(grad_norm),
+            grad_norm=norm,
             tokens_per_s=cfg.batch_size * cfg.seq_len / elapsed,
             sec_per_step=elapsed,
         )
@@ -302,6 +310,25 @@ class Pipeline:
         return parallel_lib.full_model_state(self.model)
 
 
+def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A CPU batch on `device`; to CUDA through pinned memory, so the copy does not block."""
+    if device.type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
+
+
+def to_host(t: torch.Tensor) -> list[float]:
+    """The step's one allowed device-to-host copy, exempt from a sync debug mode set by a test."""
+    if t.device.type != "cuda":
+        return t.tolist()
+    mode = torch.cuda.get_sync_debug_mode()
+    torch.cuda.set_sync_debug_mode(0)
+    try:
+        return t.tolist()
+    finally:
+        torch.cuda.set_sync_debug_mode(mode)
+
+
 def rng_state() -> dict[str, Any]:
     """Python, numpy, torch (and CUDA) generator states, in types a weights-only load accepts."""
     kind, keys, pos, has_gauss, gauss = np.random.get_state()
@@ -311,7 +338,8 @@ def rng_state() -> dict[str, Any]:
         "torch": torch.get_rng_state(),
     }
     if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+        # This process's GPU only: a resume may run on a host with another GPU count.
+        state["cuda"] = torch.cuda.get_rng_state()
     return state
 
 
@@ -321,4 +349,7 @@ def set_rng_state(state: dict[str, Any]) -> None:
     np.random.set_state((kind, keys.numpy(), pos, has_gauss, gauss))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        cuda = state["cuda"]
+        if isinstance(cuda, list):  # older checkpoints kept every GPU's state; the first is ours
+            cuda = cuda[0]
+        torch.cuda.set_rng_state(cuda)

@@ -4,14 +4,17 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
+from torch.distributed.tensor import DTensor
 
 from apr_cli.data.source import BatchSource, SyntheticBatchSource
 from apr_cli.distill.backend import Backend, seed_everything, select_backend
 from apr_cli.distill.losses import auto_chunk_tokens
 from apr_cli.distill.options import DistillOptions
+from apr_cli.distill.parallel import load_local_shards
 from apr_cli.distill.pipeline import Pipeline, TrainConfig
 from apr_cli.errors import AprError
 from apr_cli.model.checkpoint import init_student_from_teacher, load_model, parse_teacher_layers
@@ -121,11 +124,26 @@ def load_teacher(p: Prepared) -> None:
     """Give the teacher its weights (a preset's seeded init, or the checkpoint's)."""
     if p.teacher_info is None:
         return
+    if sharded_load(p):
+        load_local_shards(p.teacher, Path(p.teacher_info["path"]), p.backend.device)
+        return
     p.teacher, _ = load_model(
         p.teacher_info["spec"],
         dtype=p.backend.teacher_dtype,
         device=p.backend.device,
         seed=p.options.train.seed + 1,
+    )
+
+
+def sharded_load(p: Prepared) -> bool:
+    """Under --fsdp a checkpoint teacher is read shard by shard; one the run trains (a preset's
+    warm-up) or copies layers from (--student-init) is loaded whole."""
+    return (
+        p.options.fsdp
+        and p.backend.world_size > 1
+        and p.teacher_info["kind"] != "preset"
+        and p.teacher_warmup == 0
+        and p.student_info["kind"] != "teacher-layers"
     )
 
 
@@ -153,7 +171,13 @@ def same_model(a: Qwen2ForCausalLM, b: Qwen2ForCausalLM, a_info: dict, b_info: d
     if a.config.with_(torch_dtype="") != b.config.with_(torch_dtype=""):
         return False
     b_state = b.state_dict()
-    return all(torch.equal(t.float(), b_state[name].float()) for name, t in a.state_dict().items())
+    a_state = a.state_dict()
+    return all(torch.equal(full(t).float(), b_state[name].float()) for name, t in a_state.items())
+
+
+def full(t: torch.Tensor) -> torch.Tensor:
+    """A whole tensor, gathered from its shards (collective) when the teacher is sharded."""
+    return t.full_tensor() if isinstance(t, DTensor) else t
 
 
 def estimate_memory(p: Prepared) -> dict[str, int]:
@@ -164,8 +188,15 @@ def estimate_memory(p: Prepared) -> dict[str, int]:
     act_bytes = 2 if p.backend.autocast_dtype is not None else 4
     teacher_weights = count_parameters(p.teacher) * act_bytes if p.teacher is not None else 0
     student_states = count_parameters(p.student) * 16  # weights, grads, two moments, fp32
-    # ~16 saved tensors of width hidden per layer and token, for backward.
-    activations = tokens * s.hidden_size * s.num_hidden_layers * 16 * act_bytes
+    if p.options.fsdp:  # each rank holds 1/world of the shards (whole teacher head aside)
+        student_states //= p.backend.world_size
+        teacher_weights //= p.backend.world_size
+    # ~16 saved tensors of width hidden per layer and token, for backward; with activation
+    # checkpointing one per layer, plus one block's 16 while it is recomputed.
+    saved = s.num_hidden_layers * 16
+    if cfg.activation_checkpointing:
+        saved = s.num_hidden_layers + 16
+    activations = tokens * s.hidden_size * saved * act_bytes
     # The chunked loss holds about nine (block, vocab) fp32 tensors, never the full logits.
     block = min(cfg.loss_chunk or auto_chunk_tokens(vocab), tokens)
     logits = block * vocab * 4 * 9
