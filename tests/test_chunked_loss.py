@@ -126,3 +126,24 @@ def test_bf16_autocast_computes_the_loss_in_fp32():
 def test_auto_chunk_bounds_block_logits():
     assert auto_chunk_tokens(151936) * 151936 * 4 <= 96 * 2**20
     assert auto_chunk_tokens(10**9) == 1
+
+
+def test_padding_rows_past_the_real_vocab_change_nothing():
+    """Qwen-style padding rows (never trained) must not reach either softmax or the gradient."""
+    torch.manual_seed(0)
+    real, rows, width = 48, 64, 16
+    s_h, t_h = torch.randn(2, 5, width), torch.randn(2, 5, width)
+    s_w = torch.randn(rows, width, requires_grad=True)
+    y = torch.randint(0, real, (2, 5))
+    quiet = torch.randn(rows, width)
+    quiet[real:] = 0.0
+    loud = quiet.clone()
+    loud[real:] = 100.0 * t_h.reshape(-1, width).mean(0)  # huge teacher logits on padding rows
+    losses = []
+    for t_w in (quiet, loud):
+        parts = distill_loss(s_h, s_w, t_h, t_w, y, vocab_size=real)
+        (grad,) = torch.autograd.grad(parts.loss, s_w)
+        assert torch.all(grad[real:] == 0)
+        losses.append(parts.loss.detach())
+    torch.testing.assert_close(losses[0], losses[1], rtol=0, atol=0)
+    assert distill_loss(s_h, s_w, t_h, loud, y).loss != losses[1]  # without it they leak in

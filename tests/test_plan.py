@@ -6,12 +6,15 @@ import subprocess
 import sys
 import time
 
+import numpy as np
+import pytest
 import torch
 
 from apr_cli.distill.options import DistillOptions
 from apr_cli.distill.pipeline import TrainConfig
-from apr_cli.distill.prepare import estimate_memory, prepare
+from apr_cli.distill.prepare import estimate_memory, plan, prepare
 from apr_cli.distill.run import start
+from apr_cli.errors import AprError
 from apr_cli.model.checkpoint import save_model
 from apr_cli.model.config import ModelConfig
 from apr_cli.model.qwen2 import build_model
@@ -76,3 +79,18 @@ def test_activation_checkpointing_lowers_the_planned_activations():
 
     # tiny-student: 2 layers, so 2 x 16 saved tensors per token become 2 + 16.
     assert activations(activation_checkpointing=True) * 32 == activations() * 18
+
+
+def test_the_loss_covers_the_datasets_real_vocabulary(tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    np.arange(2000, dtype=np.uint32).__mod__(500).tofile(data / "a.bin")
+    (data / "meta.json").write_text(json.dumps({"vocab_size": 500}))
+    p = prepare(DistillOptions(dataset=data, train=TrainConfig(batch_size=4, seq_len=16)))
+    info = plan(p)
+    assert (info["shared_vocab_size"], info["loss_vocab_size"]) == (512, 500)
+    assert info["hyperparameters"]["vocab_size"] == 500  # the manifest records the size used
+    override = DistillOptions(dataset=data, train=TrainConfig(seq_len=16, vocab_size=510))
+    assert plan(prepare(override))["loss_vocab_size"] == 510
+    with pytest.raises(AprError, match="--vocab-size 600 exceeds the 512 rows"):
+        prepare(DistillOptions(train=TrainConfig(vocab_size=600)))

@@ -30,6 +30,7 @@ from apr_cli.commands.options import (
     SeqLen,
     Shuffle,
     Steps,
+    VocabSize,
     Warmup,
     WeightDecay,
 )
@@ -105,6 +106,7 @@ def distill(
     loss_chunk: LossChunk = TrainConfig.loss_chunk,
     compile_models: Compile = False,
     activation_checkpointing: ActivationCheckpointing = False,
+    vocab_size: VocabSize = TrainConfig.vocab_size,
     fsdp: Fsdp = False,
     out: Out = None,
     resume: Resume = None,
@@ -143,6 +145,7 @@ def distill(
             loss_chunk=loss_chunk,
             compile=compile_models,
             activation_checkpointing=activation_checkpointing,
+            vocab_size=vocab_size,
         ),
     )
     flags = RunFlags(out, resume, overwrite, plan_only, json_output)

@@ -77,6 +77,15 @@ Compile = Annotated[
         "--compile", help="torch.compile the models' forward passes.", rich_help_panel=TRAINING
     ),
 ]
+VocabSize = Annotated[
+    int,
+    typer.Option(
+        help="Rows of the vocabulary the loss covers (the tokenizer's real size); rows past it "
+        "are padding, left out of both softmaxes. 0: the dataset's meta.json or a model "
+        "folder's tokenizer.json when present, else every row both models share.",
+        rich_help_panel=TRAINING,
+    ),
+]
 ActivationCheckpointing = Annotated[
     bool,
     typer.Option(

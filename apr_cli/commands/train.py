@@ -29,6 +29,7 @@ from apr_cli.commands.options import (
     SeqLen,
     Shuffle,
     Steps,
+    VocabSize,
     Warmup,
     WeightDecay,
 )
@@ -61,6 +62,7 @@ def train(
     loss_chunk: LossChunk = TrainConfig.loss_chunk,
     compile_models: Compile = False,
     activation_checkpointing: ActivationCheckpointing = False,
+    vocab_size: VocabSize = TrainConfig.vocab_size,
     fsdp: Fsdp = False,
     out: Out = None,
     resume: Resume = None,
@@ -96,6 +98,7 @@ def train(
             loss_chunk=loss_chunk,
             compile=compile_models,
             activation_checkpointing=activation_checkpointing,
+            vocab_size=vocab_size,
         ),
     )
     flags = RunFlags(out, resume, overwrite, plan_only, json_output)

@@ -84,7 +84,7 @@ def render_plan(prepared: Prepared, json_output: bool, lines: Console) -> None:
         describe_model("student", info["student"]),
         f"teacher warm-up: {info['teacher_warmup_steps']} steps",
         f"data: {json.dumps(info['data'])}",
-        f"shared vocab: {info['shared_vocab_size']}",
+        f"shared vocab: {info['shared_vocab_size']}, loss vocab: {info['loss_vocab_size']}",
         f"device: {info['backend']['device']} ({info['backend']['dtype']})",
         f"steps: {hp['steps']}, batch {hp['batch_size']} x seq {hp['seq_len']} = "
         f"{info['tokens_per_step']:,} tokens/step, micro-batch {info['micro_batch_size']}",

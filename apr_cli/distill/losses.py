@@ -211,16 +211,20 @@ def distill_loss(
     alpha: float = 0.7,
     beta: float = 0.5,
     chunk_tokens: int = 0,
+    vocab_size: int = 0,
 ) -> LossParts:
     """`kd_loss` from final hidden states (B, T, C) and the (V, C) output projections, chunked.
 
     Logits are computed `chunk_tokens` tokens at a time (0: `auto_chunk_tokens`), gradients
     included, so memory grows with the block rather than with tokens x vocab. `kd` and `ce`
-    carry no gradient.
+    carry no gradient. `vocab_size` (when > 0) drops the rows at or beyond it from both
+    softmaxes, and from the student's gradient: a checkpoint's padding rows past its tokenizer.
     """
     vocab = student_weight.shape[0]
     if teacher_hidden is not None:
         vocab = min(vocab, teacher_weight.shape[0])
+    if vocab_size > 0:
+        vocab = min(vocab, vocab_size)
     hidden = student_hidden.reshape(-1, student_hidden.shape[-1])  # (N, C)
     teacher = None
     if teacher_hidden is not None:

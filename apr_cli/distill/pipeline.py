@@ -39,6 +39,7 @@ class TrainConfig:
     loss_chunk: int = 0  # tokens per loss block; 0 picks a size that bounds logits memory
     compile: bool = False  # torch.compile the student's and teacher's forward
     activation_checkpointing: bool = False  # recompute student block activations in backward
+    vocab_size: int = 0  # rows the loss covers (the real vocabulary); 0: every shared row
 
     def validate(self, max_seq_len: int | None = None) -> None:
         """Refuse settings that cannot train, naming the flag."""
@@ -60,6 +61,7 @@ class TrainConfig:
             (0.0 < self.beta < 1.0, f"--beta must be in (0, 1), got {self.beta}"),
             (self.grad_clip > 0, f"--grad-clip must be > 0, got {self.grad_clip}"),
             (self.loss_chunk >= 0, f"--loss-chunk must be >= 0, got {self.loss_chunk}"),
+            (self.vocab_size >= 0, f"--vocab-size must be >= 0, got {self.vocab_size}"),
         ]
         if max_seq_len is not None:
             checks.append(
@@ -178,6 +180,7 @@ class Pipeline:
             "alpha": config.alpha,
             "beta": config.beta,
             "chunk_tokens": config.loss_chunk,
+            "vocab_size": config.vocab_size,
         }
         self.step = 0  # optimizer steps taken
         self.losses: list[float] = []  # one per step taken

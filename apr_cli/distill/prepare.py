@@ -41,7 +41,7 @@ class Prepared:
     teacher_info: dict[str, Any] | None
     student_info: dict[str, Any]
     source: BatchSource
-    vocab_size: int  # rows both models share; data ids must stay below it
+    vocab_size: int  # rows both models share (the loss covers options.train.vocab_size of them)
     warnings: list[str]
 
     @property
@@ -94,6 +94,8 @@ def prepare(options: DistillOptions) -> Prepared:
         if teacher is not None
         else student.config.vocab_size
     )
+    # Recorded in the options (hence the manifest and checkpoints) so a resume uses the same rows.
+    cfg.vocab_size = loss_vocab_size(options, vocab, teacher_info, student_info)
     context = min(m.config.max_position_embeddings for m in models)
     cfg.validate(max_seq_len=context)
     if cfg.batch_size % (cfg.grad_accum * backend.world_size):
@@ -106,7 +108,7 @@ def prepare(options: DistillOptions) -> Prepared:
 
         source: BatchSource = ShardBatchSource(
             options.dataset,
-            vocab_size=vocab,
+            vocab_size=cfg.vocab_size,
             rank=backend.rank,
             world_size=backend.world_size,
             shuffle=options.shuffle,
@@ -114,10 +116,41 @@ def prepare(options: DistillOptions) -> Prepared:
         )
         source.check_seq_len(cfg.seq_len)
     else:
-        source = SyntheticBatchSource(vocab, rank=backend.rank, world_size=backend.world_size)
+        source = SyntheticBatchSource(
+            cfg.vocab_size, rank=backend.rank, world_size=backend.world_size
+        )
     return Prepared(
         options, backend, teacher, student, teacher_info, student_info, source, vocab, []
     )
+
+
+def loss_vocab_size(
+    options: DistillOptions, shared: int, teacher_info: dict | None, student_info: dict
+) -> int:
+    """Rows the loss covers: --vocab-size, else the real vocabulary when one is known (the
+    dataset's meta.json, a model folder's tokenizer.json), else every row the models share.
+
+    Qwen2.5's configs have 151936 or 152064 rows for 151665 tokens; the rest were never trained.
+    """
+    asked = options.train.vocab_size
+    if asked > 0:
+        if asked > shared:
+            raise AprError(f"--vocab-size {asked} exceeds the {shared} rows the models share")
+        return asked
+    known = []
+    if options.dataset is not None:
+        from apr_cli.data.shards import read_meta
+
+        meta_vocab = (read_meta(options.dataset) or {}).get("vocab_size")
+        if isinstance(meta_vocab, int) and meta_vocab > 0:
+            known.append(meta_vocab)
+    for info in (teacher_info, student_info):
+        folder = None if info is None or info["path"] is None else Path(info["path"])
+        if folder is not None and (folder / "tokenizer.json").is_file():
+            from apr_cli.data.tokenizer import load_tokenizer
+
+            known.append(load_tokenizer(folder / "tokenizer.json").vocab_size)
+    return min([shared, *known])
 
 
 def load_teacher(p: Prepared) -> None:
@@ -218,6 +251,7 @@ def plan(p: Prepared) -> dict[str, Any]:
         "student": p.student_info,
         "teacher_warmup_steps": p.teacher_warmup,
         "shared_vocab_size": p.vocab_size,
+        "loss_vocab_size": cfg.vocab_size,  # the real vocabulary when known; data ids stay below
         "data": p.source.describe(),
         "backend": p.backend.describe(),
         "hyperparameters": cfg.to_dict(),
