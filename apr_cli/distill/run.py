@@ -519,11 +519,11 @@ def train_run(
         weights = pipeline.student_state()  # collective: gathers shards under FSDP2
         if run.writable:
             save_model(model_from_state(p.student.config, weights), run.student_dir)
-            write_loss_plot(run.path / LOSS_PLOT, pipeline.losses)
+            write_loss_plot(run.path / LOSS_PLOT, run.loss_history(p.teacher is not None))
     except BaseException as e:
         if pipeline.losses and run.writable:
             manifest.update(summary(pipeline.result()))
-            write_loss_plot(run.path / LOSS_PLOT, pipeline.losses)
+            write_loss_plot(run.path / LOSS_PLOT, run.loss_history(p.teacher is not None))
         finish_failed(run, manifest, e, steps_completed=pipeline.step)
         raise
     manifest.update(status="completed", finished_at=utc_now(), **summary(result))

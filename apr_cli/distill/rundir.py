@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from apr_cli.distill.pipeline import StepMetrics
+from apr_cli.distill.plot import LossHistory
 from apr_cli.errors import AprError
 from apr_cli.fsutil import atomic_write_bytes, atomic_write_json
 
@@ -144,6 +145,21 @@ class RunDirectory:
         record.pop("steps")
         with open(self.path / METRICS, "a") as f:
             f.write(json.dumps(record) + "\n")
+
+    def loss_history(self, with_teacher: bool) -> LossHistory:
+        """The steps in metrics.jsonl and the resumes in the manifest, for loss.png."""
+        path = self.path / METRICS
+        lines = path.read_text().splitlines() if path.exists() else []
+        records = [json.loads(line) for line in lines if step_of(line) != float("inf")]
+        resumed = (self.read_manifest() or {}).get("resumed", [])
+        return LossHistory(
+            steps=[r["step"] for r in records],
+            loss=[r["loss"] for r in records],
+            ce=[r["ce_loss"] for r in records],
+            kd=[r["kd_loss"] for r in records] if with_teacher else None,
+            resumes=[r["from_step"] for r in resumed],
+            title=f"{self.path.name}: loss per step",
+        )
 
     def artifact_paths(self) -> dict[str, str]:
         names = {
