@@ -1,0 +1,60 @@
+"""What a newcomer meets in the first hour: file modes, help speed and surface, run outputs."""
+
+from __future__ import annotations
+
+import os
+import stat
+from pathlib import Path
+
+import pytest
+
+from apr_cli.data.build import build_shards, collect_inputs
+from apr_cli.fsutil import atomic_write_bytes
+from apr_cli.model.checkpoint import save_model
+from apr_cli.model.config import ModelConfig
+from apr_cli.model.qwen2 import build_model
+
+
+def modes(root: Path) -> dict[str, int]:
+    """Permission bits of `root` and everything under it, by path relative to `root`."""
+    found = {".": stat.S_IMODE(root.stat().st_mode)}
+    for path in root.rglob("*"):
+        found[str(path.relative_to(root))] = stat.S_IMODE(path.stat().st_mode)
+    return found
+
+
+@pytest.fixture(params=[0o022, 0o077, 0o002])
+def umask(request):
+    old = os.umask(request.param)
+    yield request.param
+    os.umask(old)
+
+
+def expected(path: Path, mask: int) -> int:
+    return (0o777 if path.is_dir() else 0o666) & ~mask
+
+
+def test_saved_model_follows_the_umask(tmp_path, umask):
+    tiny = ModelConfig.from_name("tiny-student").with_(num_hidden_layers=1, hidden_size=32)
+    out = save_model(build_model(tiny), tmp_path / "student-trained.apr")
+    found = modes(out)
+    assert set(found) == {".", "config.json", "model.safetensors"}
+    for name, mode in found.items():
+        assert mode == expected(out / name, umask), (name, oct(mode))
+
+
+def test_built_shards_follow_the_umask(tmp_path, umask):
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "a.py").write_text("print('hello')\n" * 50)
+    out = tmp_path / "data"
+    build_shards([str(src)], collect_inputs([str(src)]), out, "bytes", val_fraction=0.0)
+    found = modes(out)
+    assert any(name.endswith(".bin") for name in found)
+    for name, mode in found.items():
+        assert mode == expected(out / name, umask), (name, oct(mode))
+
+
+def test_atomic_writes_follow_the_umask(tmp_path, umask):
+    atomic_write_bytes(tmp_path / "dispatch.json", b"{}")
+    assert modes(tmp_path)["dispatch.json"] == 0o666 & ~umask
