@@ -1,11 +1,16 @@
-"""The `apr` command line: thin commands that parse, build library objects and render."""
+"""The `apr` command line: thin commands that parse, build library objects and render.
+
+Command modules import torch inside their bodies, so `apr --help` and `--version` start fast.
+"""
 
 from __future__ import annotations
 
 import sys
+from typing import Annotated
 
 import typer
 
+import apr_cli
 from apr_cli.commands.common import fail
 from apr_cli.commands.distill import distill
 from apr_cli.commands.eval import eval_model
@@ -26,6 +31,26 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=False,
 )
+
+
+def show_version(value: bool) -> None:
+    if value:
+        typer.echo(f"apr {apr_cli.__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def root(
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version", help="Print the version and exit.", is_eager=True, callback=show_version
+        ),
+    ] = False,
+) -> None:
+    """Distill a teacher language model into a smaller student."""
+
+
 app.command()(distill)
 app.command()(train)
 app.command(name="eval")(eval_model)

@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import json
 import os
 import stat
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
+from typer.testing import CliRunner
 
+import apr_cli
+from apr_cli.cli import app
 from apr_cli.data.build import build_shards, collect_inputs
 from apr_cli.fsutil import atomic_write_bytes
 from apr_cli.model.checkpoint import save_model
@@ -58,3 +64,46 @@ def test_built_shards_follow_the_umask(tmp_path, umask):
 def test_atomic_writes_follow_the_umask(tmp_path, umask):
     atomic_write_bytes(tmp_path / "dispatch.json", b"{}")
     assert modes(tmp_path)["dispatch.json"] == 0o666 & ~umask
+
+
+HELP_ARGVS = [
+    ["--help"],
+    ["--version"],
+    ["distill", "--help"],
+    ["train", "--help"],
+    ["eval", "--help"],
+    ["generate", "--help"],
+    ["shards", "build", "--help"],
+    ["shards", "inspect", "--help"],
+]
+# Run in a fresh interpreter: the test process itself has long imported torch.
+HELP_PROBE = """
+import json, sys
+from apr_cli.cli import main
+for argv in json.loads(sys.argv[1]):
+    try:
+        main(argv)
+    except SystemExit as e:
+        assert e.code == 0, (argv, e.code)
+heavy = {"torch", "numpy", "matplotlib", "tokenizers", "safetensors"}
+print("HEAVY=" + ",".join(sorted(heavy & {m.split(".")[0] for m in sys.modules})))
+"""
+
+
+def test_help_and_version_import_no_heavy_module():
+    proc = subprocess.run(
+        [sys.executable, "-c", HELP_PROBE, json.dumps(HELP_ARGVS)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "COLUMNS": "100"},
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines()[-1] == "HEAVY="
+    assert f"apr {apr_cli.__version__}\n" in proc.stdout
+
+
+def test_version_flag():
+    result = CliRunner().invoke(app, ["--version"])
+    assert result.exit_code == 0
+    assert result.stdout == f"apr {apr_cli.__version__}\n"

@@ -33,9 +33,13 @@ from apr_cli.commands.options import (
     WeightDecay,
 )
 from apr_cli.commands.training import run_training
-from apr_cli.distill.losses import LOSS_KINDS
-from apr_cli.distill.pipeline import TrainConfig
-from apr_cli.distill.run import DEFAULT_STUDENT, DEFAULT_TEACHER, DistillOptions
+from apr_cli.distill.config import (
+    DEFAULT_STUDENT,
+    DEFAULT_TEACHER,
+    LOSS_KINDS,
+    DistillOptions,
+    TrainConfig,
+)
 
 DEFAULTS = TrainConfig()
 

@@ -12,8 +12,7 @@ from rich.markup import escape
 
 from apr_cli.commands.common import user_errors
 from apr_cli.commands.options import DATA, OUTPUT, Device, SeqLen
-from apr_cli.distill.evaluate import DEFAULT_WINDOWS, evaluate_model
-from apr_cli.distill.pipeline import TrainConfig
+from apr_cli.distill.config import DEFAULT_WINDOWS, TrainConfig
 
 stdout = Console(highlight=False, soft_wrap=True)
 
@@ -54,6 +53,8 @@ def eval_model(
     ] = False,
 ) -> None:
     """Mean next-token loss (nats per token) and perplexity over fixed, deterministic windows."""
+    from apr_cli.distill.evaluate import evaluate_model  # torch: only when the command runs
+
     with user_errors():
         report = evaluate_model(
             model,

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
-import torch
 import typer
 
 from apr_cli.commands.common import user_errors
 from apr_cli.errors import AprError
+
+if TYPE_CHECKING:
+    import torch
 
 PROMPT = "Prompt"
 SAMPLING = "Sampling"
@@ -30,6 +32,8 @@ def parse_ids(value: str) -> list[int]:
 
 def resolve_device(name: str) -> torch.device:
     """A torch device that exists on this machine."""
+    import torch
+
     try:
         device = torch.device(name)
     except RuntimeError as e:
@@ -92,6 +96,8 @@ def generate(
     ] = False,
 ) -> None:
     """Generate tokens after a prompt and print their ids (and text, with a tokenizer)."""
+    import torch
+
     from apr_cli.model.checkpoint import load_model
     from apr_cli.model.generate import generate as generate_tokens
 

@@ -32,8 +32,7 @@ from apr_cli.commands.options import (
     WeightDecay,
 )
 from apr_cli.commands.training import run_training
-from apr_cli.distill.pipeline import TrainConfig
-from apr_cli.distill.run import DEFAULT_STUDENT, DistillOptions
+from apr_cli.distill.config import DEFAULT_STUDENT, DistillOptions, TrainConfig
 
 DEFAULTS = TrainConfig()
 

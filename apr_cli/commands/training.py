@@ -11,9 +11,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
 
 from apr_cli.commands.common import user_errors
-from apr_cli.distill import run as run_lib
-from apr_cli.distill.run import DistillOptions, Prepared
-from apr_cli.distill.rundir import default_run_dir
+from apr_cli.distill.config import DistillOptions
 
 # Command parameters that are not run options, and those named differently in DistillOptions
 # or TrainConfig.
@@ -40,6 +38,10 @@ def run_training(ctx: typer.Context, base: DistillOptions, name: str) -> None:
 
     The command's parameters are read from `ctx.params`, so a command is its option list.
     """
+    # torch and the run machinery load only when a command runs, so `--help` stays fast.
+    from apr_cli.distill import run as run_lib
+    from apr_cli.distill.rundir import default_run_dir
+
     flags = ctx.params
     options = run_lib.apply_overrides(base, option_values(ctx))
     json_output = flags["json_output"]
@@ -56,7 +58,7 @@ def run_training(ctx: typer.Context, base: DistillOptions, name: str) -> None:
         else:
             prepared = run_lib.prepare(options)
             if flags["plan_only"]:
-                render_plan(prepared, json_output, lines)
+                render_plan(run_lib.plan(prepared), json_output, lines)
                 return
             out = flags["out"] or default_run_dir(name)
             run, manifest = run_lib.start(prepared, out, overwrite=flags["overwrite"], emit=emit)
@@ -70,8 +72,7 @@ def run_training(ctx: typer.Context, base: DistillOptions, name: str) -> None:
         typer.echo(json.dumps(manifest, indent=2))
 
 
-def render_plan(prepared: Prepared, json_output: bool, lines: Console) -> None:
-    info = run_lib.plan(prepared)
+def render_plan(info: dict[str, Any], json_output: bool, lines: Console) -> None:
     if json_output:
         typer.echo(json.dumps(info, indent=2))
         return

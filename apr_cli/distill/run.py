@@ -11,7 +11,7 @@ import subprocess
 import sys
 import threading
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from signal import SIGINT, SIGTERM
 from typing import Any
@@ -22,9 +22,10 @@ import apr_cli
 from apr_cli.data.source import BatchSource, SyntheticBatchSource
 from apr_cli.distill.backend import Backend, seed_everything, select_backend
 from apr_cli.distill.checkpoints import load_latest_checkpoint, save_checkpoint
+from apr_cli.distill.config import PRESET_TEACHER_WARMUP, DistillOptions, TrainConfig
 from apr_cli.distill.losses import auto_chunk_tokens
 from apr_cli.distill.parallel import any_rank
-from apr_cli.distill.pipeline import Pipeline, StepMetrics, TrainConfig, TrainResult
+from apr_cli.distill.pipeline import Pipeline, StepMetrics, TrainResult
 from apr_cli.distill.plot import write_loss_plot
 from apr_cli.distill.rundir import LOSS_PLOT, RunDirectory, format_step, utc_now
 from apr_cli.errors import AprError
@@ -38,50 +39,7 @@ from apr_cli.model.config import ModelConfig
 from apr_cli.model.qwen2 import Qwen2ForCausalLM, count_parameters
 from apr_cli.model.vocab import shared_vocab_size
 
-DEFAULT_TEACHER = "tiny-teacher"
-DEFAULT_STUDENT = "tiny-student"
-# A preset teacher starts from random weights and knows nothing; these CE steps on the same
-# batches give it something to teach (enough for the synthetic identity task).
-PRESET_TEACHER_WARMUP = 50
-
 Emit = Callable[[str], None]
-
-
-@dataclass
-class DistillOptions:
-    """Everything `apr distill` was asked for, before anything is loaded."""
-
-    teacher: str | None = DEFAULT_TEACHER  # None trains the student on the labels alone
-    student: str = DEFAULT_STUDENT
-    student_init: str | None = None  # teacher-layers:0,2,... builds the student from the teacher
-    dataset: Path | None = None
-    shuffle: bool = False  # read --dataset windows in a seeded random order per epoch
-    device: str = "auto"
-    teacher_warmup: int | None = None  # None: PRESET_TEACHER_WARMUP for a preset teacher, else 0
-    save_every: int = 1000  # steps between checkpoints (one is always written at the end)
-    fsdp: bool = False  # under torchrun: shard student and teacher (FSDP2) instead of DDP
-    keep_checkpoints: int = 2
-    train: TrainConfig = field(default_factory=TrainConfig)
-
-    def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["dataset"] = None if self.dataset is None else str(self.dataset)
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> DistillOptions:
-        fields = {**d, "train": TrainConfig(**d["train"])}
-        fields["dataset"] = None if d["dataset"] is None else Path(d["dataset"])
-        return cls(**fields)
-
-    def validate(self) -> None:
-        self.train.validate()
-        if self.teacher_warmup is not None and self.teacher_warmup < 0:
-            raise AprError(f"--teacher-warmup must be >= 0, got {self.teacher_warmup}")
-        if self.save_every < 0:
-            raise AprError(f"--save-every must be >= 0, got {self.save_every}")
-        if self.keep_checkpoints < 1:
-            raise AprError(f"--keep-checkpoints must be >= 1, got {self.keep_checkpoints}")
 
 
 @dataclass

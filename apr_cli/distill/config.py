@@ -1,0 +1,123 @@
+"""What a run is asked for (TrainConfig, DistillOptions), before anything is loaded.
+
+Free of torch, so the command line can show its defaults without importing it.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from apr_cli.errors import AprError
+
+LOSS_KINDS = ("forward-kl", "reverse-kl", "jsd")
+
+DEFAULT_TEACHER = "tiny-teacher"
+DEFAULT_STUDENT = "tiny-student"
+# A preset teacher starts from random weights and knows nothing; these CE steps on the same
+# batches give it something to teach (enough for the synthetic identity task).
+PRESET_TEACHER_WARMUP = 50
+DEFAULT_WINDOWS = 512  # windows `apr eval` scores
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 100  # optimizer steps, exactly
+    batch_size: int = 16  # rows per optimizer step, split over grad_accum micro-batches
+    seq_len: int = 64
+    grad_accum: int = 1
+    lr: float = 3e-3  # peak learning rate
+    min_lr_ratio: float = 0.1  # cosine decay ends at lr * min_lr_ratio
+    warmup: int = 10  # linear warm-up steps
+    weight_decay: float = 0.01
+    grad_clip: float = 1.0  # max global gradient norm
+    temperature: float = 3.0
+    alpha: float = 0.7  # weight of the KD term; 1 - alpha weighs CE on the labels
+    loss: str = "forward-kl"
+    beta: float = 0.5  # jsd mixture weight
+    seed: int = 0
+    loss_chunk: int = 0  # tokens per loss block; 0 picks a size that bounds logits memory
+    compile: bool = False  # torch.compile the student's and teacher's forward
+
+    def validate(self, max_seq_len: int | None = None) -> None:
+        """Refuse settings that cannot train, naming the flag."""
+        checks = [
+            (self.steps > 0, f"--steps must be > 0, got {self.steps}"),
+            (self.batch_size > 0, f"--batch-size must be > 0, got {self.batch_size}"),
+            (self.seq_len > 0, f"--seq-len must be > 0, got {self.seq_len}"),
+            (self.grad_accum > 0, f"--grad-accum must be > 0, got {self.grad_accum}"),
+            (
+                self.batch_size % self.grad_accum == 0,
+                f"--batch-size {self.batch_size} is not a multiple of "
+                f"--grad-accum {self.grad_accum}",
+            ),
+            (self.lr > 0 and math.isfinite(self.lr), f"--lr must be > 0, got {self.lr}"),
+            (self.warmup >= 0, f"--warmup must be >= 0, got {self.warmup}"),
+            (self.temperature > 0, f"--temperature must be > 0, got {self.temperature}"),
+            (0.0 <= self.alpha <= 1.0, f"--alpha must be in [0, 1], got {self.alpha}"),
+            (self.loss in LOSS_KINDS, f"--loss must be one of {', '.join(LOSS_KINDS)}"),
+            (0.0 < self.beta < 1.0, f"--beta must be in (0, 1), got {self.beta}"),
+            (self.grad_clip > 0, f"--grad-clip must be > 0, got {self.grad_clip}"),
+            (self.loss_chunk >= 0, f"--loss-chunk must be >= 0, got {self.loss_chunk}"),
+        ]
+        if max_seq_len is not None:
+            checks.append(
+                (
+                    self.seq_len <= max_seq_len,
+                    f"--seq-len {self.seq_len} exceeds the models' context of {max_seq_len}",
+                )
+            )
+        for ok, message in checks:
+            if not ok:
+                raise AprError(message)
+
+    def lr_at(self, step: int) -> float:
+        """Linear warm-up to `lr`, then cosine decay to `lr * min_lr_ratio` at the last step."""
+        if step < self.warmup:
+            return self.lr * (step + 1) / self.warmup
+        span = max(1, self.steps - self.warmup - 1)
+        progress = min(1.0, (step - self.warmup) / span)
+        floor = self.lr * self.min_lr_ratio
+        return floor + (self.lr - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class DistillOptions:
+    """Everything `apr distill` was asked for, before anything is loaded."""
+
+    teacher: str | None = DEFAULT_TEACHER  # None trains the student on the labels alone
+    student: str = DEFAULT_STUDENT
+    student_init: str | None = None  # teacher-layers:0,2,... builds the student from the teacher
+    dataset: Path | None = None
+    shuffle: bool = False  # read --dataset windows in a seeded random order per epoch
+    device: str = "auto"
+    teacher_warmup: int | None = None  # None: PRESET_TEACHER_WARMUP for a preset teacher, else 0
+    save_every: int = 1000  # steps between checkpoints (one is always written at the end)
+    fsdp: bool = False  # under torchrun: shard student and teacher (FSDP2) instead of DDP
+    keep_checkpoints: int = 2
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["dataset"] = None if self.dataset is None else str(self.dataset)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> DistillOptions:
+        fields = {**d, "train": TrainConfig(**d["train"])}
+        fields["dataset"] = None if d["dataset"] is None else Path(d["dataset"])
+        return cls(**fields)
+
+    def validate(self) -> None:
+        self.train.validate()
+        if self.teacher_warmup is not None and self.teacher_warmup < 0:
+            raise AprError(f"--teacher-warmup must be >= 0, got {self.teacher_warmup}")
+        if self.save_every < 0:
+            raise AprError(f"--save-every must be >= 0, got {self.save_every}")
+        if self.keep_checkpoints < 1:
+            raise AprError(f"--keep-checkpoints must be >= 1, got {self.keep_checkpoints}")
