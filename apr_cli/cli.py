@@ -5,6 +5,7 @@ Command modules import torch inside their bodies, so `apr --help` and `--version
 
 from __future__ import annotations
 
+import os
 import sys
 from typing import Annotated
 
@@ -60,6 +61,10 @@ app.add_typer(shards_app, name="shards")
 
 def main(argv: list[str] | None = None) -> None:
     """Console entry point: usage errors become one red line on stderr, like every other error."""
+    # OpenMP threads that spin while they wait stall a run 10x and more when another job holds a
+    # core; sleeping ones cost little on an idle machine (benchmarks/bench_threads.py). OpenMP
+    # reads this once, when torch loads it, which no command has done yet.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     try:
         code = app(args=argv, prog_name="apr", standalone_mode=False)
     except NoArgsIsHelpError:  # typer has already printed the help

@@ -107,3 +107,25 @@ def test_version_flag():
     result = CliRunner().invoke(app, ["--version"])
     assert result.exit_code == 0
     assert result.stdout == f"apr {apr_cli.__version__}\n"
+
+
+POLICY_PROBE = """
+import os
+from apr_cli.cli import main
+try:
+    main(["--version"])
+except SystemExit:
+    pass
+print("POLICY=" + os.environ.get("OMP_WAIT_POLICY", ""))
+"""
+
+
+@pytest.mark.parametrize("given,expected", [(None, "PASSIVE"), ("ACTIVE", "ACTIVE")])
+def test_openmp_threads_sleep_while_waiting_unless_the_user_says_otherwise(given, expected):
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    if given is not None:
+        env["OMP_WAIT_POLICY"] = given
+    proc = subprocess.run(
+        [sys.executable, "-c", POLICY_PROBE], capture_output=True, text=True, env=env, timeout=300
+    )
+    assert proc.stdout.splitlines()[-1] == f"POLICY={expected}", proc.stderr
