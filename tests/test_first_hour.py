@@ -9,12 +9,15 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 from typer.testing import CliRunner
 
 import apr_cli
 from apr_cli.cli import app
 from apr_cli.data.build import build_shards, collect_inputs
+from apr_cli.data.shards import ShardBatchSource
+from apr_cli.errors import AprError
 from apr_cli.fsutil import atomic_write_bytes
 from apr_cli.model.checkpoint import save_model
 from apr_cli.model.config import ModelConfig
@@ -129,3 +132,13 @@ def test_openmp_threads_sleep_while_waiting_unless_the_user_says_otherwise(given
         [sys.executable, "-c", POLICY_PROBE], capture_output=True, text=True, env=env, timeout=300
     )
     assert proc.stdout.splitlines()[-1] == f"POLICY={expected}", proc.stderr
+
+
+def test_shards_from_a_bigger_tokenizer_name_it_in_the_error(tmp_path):
+    np.arange(1000, dtype="<u4").tofile(tmp_path / "a.bin")
+    (tmp_path / "meta.json").write_text('{"vocab_size": 4096, "tokenizer": "tokenizer.json"}')
+    with pytest.raises(AprError, match=r"token id 512 .* built with a 4096-token tokenizer"):
+        ShardBatchSource(tmp_path, vocab_size=512)
+    (tmp_path / "meta.json").write_text('{"vocab_size": 512}')
+    with pytest.raises(AprError, match=r"is >= vocab size 600$"):
+        ShardBatchSource(tmp_path, vocab_size=600)  # the tokenizer is not the cause
