@@ -12,7 +12,7 @@ from rich.markup import escape
 
 from apr_cli.commands.common import user_errors
 from apr_cli.commands.options import DATA, OUTPUT, Device, SeqLen
-from apr_cli.distill.config import DEFAULT_WINDOWS, TrainConfig
+from apr_cli.distill.options import DEFAULT_WINDOWS, TrainConfig
 
 stdout = Console(highlight=False, soft_wrap=True)
 

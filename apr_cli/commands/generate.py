@@ -4,15 +4,12 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import Annotated, Any
 
 import typer
 
 from apr_cli.commands.common import user_errors
 from apr_cli.errors import AprError
-
-if TYPE_CHECKING:
-    import torch
 
 PROMPT = "Prompt"
 SAMPLING = "Sampling"
@@ -28,19 +25,6 @@ def parse_ids(value: str) -> list[int]:
     if not ids:
         raise AprError("--prompt-ids: no ids given")
     return ids
-
-
-def resolve_device(name: str) -> torch.device:
-    """A torch device that exists on this machine."""
-    import torch
-
-    try:
-        device = torch.device(name)
-    except RuntimeError as e:
-        raise AprError(f"--device {name!r}: {e}") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise AprError(f"--device {name}: CUDA is not available on this machine")
-    return device
 
 
 def generate(
@@ -98,6 +82,7 @@ def generate(
     """Generate tokens after a prompt and print their ids (and text, with a tokenizer)."""
     import torch
 
+    from apr_cli.distill.backend import resolve_device
     from apr_cli.model.checkpoint import load_model
     from apr_cli.model.generate import generate as generate_tokens
 

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from apr_cli.distill.config import LOSS_KINDS
+from apr_cli.distill.options import LOSS_KINDS
 
 IGNORE_INDEX = -100
 

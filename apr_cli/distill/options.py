@@ -1,25 +1,21 @@
-"""What a run is asked for (TrainConfig, DistillOptions), before anything is loaded.
+"""A run's options as typed objects: defaults, validation, and what a resume may change.
 
-Free of torch, so the command line can show its defaults without importing it.
+Free of torch, so the command line shows its defaults without importing it.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields, is_dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from apr_cli.errors import AprError
 
-LOSS_KINDS = ("forward-kl", "reverse-kl", "jsd")
-
 DEFAULT_TEACHER = "tiny-teacher"
 DEFAULT_STUDENT = "tiny-student"
-# A preset teacher starts from random weights and knows nothing; these CE steps on the same
-# batches give it something to teach (enough for the synthetic identity task).
-PRESET_TEACHER_WARMUP = 50
 DEFAULT_WINDOWS = 512  # windows `apr eval` scores
+LOSS_KINDS = ("forward-kl", "reverse-kl", "jsd")
 
 
 @dataclass
@@ -121,3 +117,51 @@ class DistillOptions:
             raise AprError(f"--save-every must be >= 0, got {self.save_every}")
         if self.keep_checkpoints < 1:
             raise AprError(f"--keep-checkpoints must be >= 1, got {self.keep_checkpoints}")
+
+
+# Fields a resumed run may change: they do not change what the student learns. A test checks
+# each names a field of DistillOptions or TrainConfig.
+RESUMABLE_CHANGES = frozenset(
+    {"steps", "device", "save_every", "keep_checkpoints", "loss_chunk", "compile", "fsdp"}
+)
+
+
+def resumed_options(
+    saved: DistillOptions, requested: DistillOptions, defaults: DistillOptions, run_dir: Path
+) -> DistillOptions:
+    """`saved` with the settings `requested` asked for (those not left at `defaults`) applied.
+
+    Refuses a change to a setting outside RESUMABLE_CHANGES, naming its flag.
+    """
+    train = replace(saved.train, **asked(requested.train, defaults.train))
+    options = replace(saved, train=train, **asked(requested, defaults))
+    changed = [
+        f"--{name.replace('_', '-')} {shown(new)!r} (the run used {shown(old)!r})"
+        for name, old, new in differences(saved, options) + differences(saved.train, train)
+        if name not in RESUMABLE_CHANGES
+    ]
+    if changed:
+        raise AprError(
+            f"--resume {run_dir}: {'; '.join(changed)} would change the result; "
+            "start a new run instead"
+        )
+    return options
+
+
+def asked(requested: Any, defaults: Any) -> dict[str, Any]:
+    """The fields of dataclass `requested` not left at `defaults` (nested dataclasses aside)."""
+    return {name: new for name, _, new in differences(defaults, requested)}
+
+
+def differences(a: Any, b: Any) -> list[tuple[str, Any, Any]]:
+    """(field, a's value, b's value) for each plain field two same-type dataclasses differ in."""
+    return [
+        (f.name, getattr(a, f.name), getattr(b, f.name))
+        for f in fields(a)
+        if not is_dataclass(getattr(a, f.name)) and getattr(a, f.name) != getattr(b, f.name)
+    ]
+
+
+def shown(value: Any) -> Any:
+    """A value as the manifest records it (paths as strings)."""
+    return str(value) if isinstance(value, Path) else value
