@@ -142,3 +142,45 @@ def test_shards_from_a_bigger_tokenizer_name_it_in_the_error(tmp_path):
     (tmp_path / "meta.json").write_text('{"vocab_size": 512}')
     with pytest.raises(AprError, match=r"is >= vocab size 600$"):
         ShardBatchSource(tmp_path, vocab_size=600)  # the tokenizer is not the cause
+
+
+TINY_RUN = ["--steps", "1", "--seq-len", "8", "--batch-size", "2", "--teacher-warmup", "0"]
+
+
+@pytest.fixture
+def keep_torch_threads():
+    import torch
+
+    before = torch.get_num_threads()
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize(
+    "flag,omp_env,expected",
+    [
+        ([], None, len(os.sched_getaffinity(0))),  # one per usable core
+        (["--threads", "1"], None, 1),
+        ([], "1", 1),  # the user's OMP_NUM_THREADS is kept
+    ],
+)
+def test_threads_default_to_the_usable_cores_and_are_recorded(
+    tmp_path, monkeypatch, keep_torch_threads, flag, omp_env, expected
+):
+    import torch
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    if omp_env is not None:
+        monkeypatch.setenv("OMP_NUM_THREADS", omp_env)
+        torch.set_num_threads(int(omp_env))  # what torch read from it when it loaded
+    result = CliRunner().invoke(app, ["distill", *TINY_RUN, *flag, "--out", str(tmp_path / "r")])
+    assert result.exit_code == 0, result.output
+    manifest = json.loads((tmp_path / "r" / "dispatch.json").read_text())
+    assert manifest["cpu_threads"] == expected
+    assert manifest["options"]["threads"] == (1 if flag else 0)
+
+
+def test_negative_threads_are_refused(tmp_path):
+    result = CliRunner().invoke(app, ["distill", "--threads", "-1", "--out", str(tmp_path / "r")])
+    assert result.exit_code == 2 and "--threads must be >= 0" in result.stderr
+    assert not (tmp_path / "r").exists()

@@ -64,6 +64,14 @@ Device = Annotated[
         rich_help_panel=TRAINING,
     ),
 ]
+Threads = Annotated[
+    int,
+    typer.Option(
+        help="CPU threads for torch; 0: one per core this process may use (split over torchrun "
+        "ranks). Idle threads sleep unless OMP_WAIT_POLICY says otherwise.",
+        rich_help_panel=TRAINING,
+    ),
+]
 LossChunk = Annotated[
     int,
     typer.Option(

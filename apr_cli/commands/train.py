@@ -28,6 +28,7 @@ from apr_cli.commands.options import (
     SeqLen,
     Shuffle,
     Steps,
+    Threads,
     Warmup,
     WeightDecay,
 )
@@ -59,6 +60,7 @@ def train(
     loss_chunk: LossChunk = TrainConfig.loss_chunk,
     compile_models: Compile = False,
     fsdp: Fsdp = False,
+    threads: Threads = DistillOptions.threads,
     out: Out = None,
     resume: Resume = None,
     save_every: SaveEvery = DistillOptions.save_every,
@@ -80,6 +82,7 @@ def train(
         save_every=save_every,
         fsdp=fsdp,
         keep_checkpoints=keep_checkpoints,
+        threads=threads,
         train=TrainConfig(
             steps=steps,
             batch_size=batch_size,

@@ -96,6 +96,7 @@ class DistillOptions:
     save_every: int = 1000  # steps between checkpoints (one is always written at the end)
     fsdp: bool = False  # under torchrun: shard student and teacher (FSDP2) instead of DDP
     keep_checkpoints: int = 2
+    threads: int = 0  # CPU threads for torch; 0: the cores this process may use, split over ranks
     train: TrainConfig = field(default_factory=TrainConfig)
 
     def to_dict(self) -> dict[str, Any]:
@@ -115,6 +116,8 @@ class DistillOptions:
             raise AprError(f"--teacher-warmup must be >= 0, got {self.teacher_warmup}")
         if self.save_every < 0:
             raise AprError(f"--save-every must be >= 0, got {self.save_every}")
+        if self.threads < 0:
+            raise AprError(f"--threads must be >= 0, got {self.threads}")
         if self.keep_checkpoints < 1:
             raise AprError(f"--keep-checkpoints must be >= 1, got {self.keep_checkpoints}")
 
@@ -122,7 +125,16 @@ class DistillOptions:
 # Fields a resumed run may change: they do not change what the student learns. A test checks
 # each names a field of DistillOptions or TrainConfig.
 RESUMABLE_CHANGES = frozenset(
-    {"steps", "device", "save_every", "keep_checkpoints", "loss_chunk", "compile", "fsdp"}
+    {
+        "steps",
+        "device",
+        "save_every",
+        "keep_checkpoints",
+        "loss_chunk",
+        "compile",
+        "fsdp",
+        "threads",
+    }
 )
 
 

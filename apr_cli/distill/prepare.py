@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -51,9 +52,24 @@ class Prepared:
         return "Training" if self.teacher is None else "Distillation"
 
 
+def set_threads(requested: int) -> None:
+    """--threads N; else OMP_NUM_THREADS if the user set it; else one thread per core this
+    process may use, shared among torchrun's ranks on this host.
+
+    With idle threads sleeping (OMP_WAIT_POLICY=PASSIVE, set by `apr`), that stays fast when
+    other jobs hold some of the cores: benchmarks/bench_threads.py, docs/performance.md.
+    """
+    if requested:
+        torch.set_num_threads(requested)
+    elif "OMP_NUM_THREADS" not in os.environ:
+        ranks_here = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // ranks_here))
+
+
 def prepare(options: DistillOptions) -> Prepared:
     """Resolve and check everything a run needs, failing before any file is written."""
     options.validate()
+    set_threads(options.threads)
     cfg = options.train
     backend = select_backend(options.device)
     seed_everything(cfg.seed)
