@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import stat
@@ -11,10 +12,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from rich.console import Console
 from typer.testing import CliRunner
 
 import apr_cli
 from apr_cli.cli import app
+from apr_cli.commands.training import ProgressBar, line_printer
 from apr_cli.data.build import build_shards, collect_inputs
 from apr_cli.data.shards import ShardBatchSource
 from apr_cli.errors import AprError
@@ -184,3 +187,15 @@ def test_negative_threads_are_refused(tmp_path):
     result = CliRunner().invoke(app, ["distill", "--threads", "-1", "--out", str(tmp_path / "r")])
     assert result.exit_code == 2 and "--threads must be >= 0" in result.stderr
     assert not (tmp_path / "r").exists()
+
+
+def test_progress_bar_redraws_show_no_markup_tags():
+    console = Console(file=io.StringIO(), force_terminal=True, width=100)
+    emit = line_printer(console)
+    with ProgressBar(console, 3, True, "distill") as advance:
+        for step in range(1, 4):
+            emit(f"step {step}/3 loss=[1.0]")
+            advance()
+    out = console.file.getvalue()
+    assert "step 3/3 loss=[1.0]" in out and "distill" in out
+    assert "[progress" not in out

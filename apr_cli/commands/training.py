@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -11,6 +12,7 @@ from typing import Any
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
+from rich.text import Text
 
 from apr_cli.commands.common import user_errors
 from apr_cli.distill.options import DistillOptions
@@ -43,9 +45,7 @@ def run_training(
     lines = Console(
         file=sys.stderr if flags.json_output else sys.stdout, highlight=False, soft_wrap=True
     )
-
-    def emit(line: str) -> None:
-        lines.print(line, markup=False)
+    emit = line_printer(lines)
 
     with user_errors():
         if flags.resume is not None:
@@ -67,6 +67,15 @@ def run_training(
             )
     if flags.json_output:
         typer.echo(json.dumps(manifest, indent=2))
+
+
+def line_printer(console: Console) -> Callable[[str], None]:
+    """Print lines as plain text.
+
+    Not `print(markup=False)`: a live progress bar is redrawn with the options of the print
+    call, and without markup its style tags show up literally.
+    """
+    return lambda line: console.print(Text(line))
 
 
 def render_plan(info: dict[str, Any], json_output: bool, lines: Console) -> None:
