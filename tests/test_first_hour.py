@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import typer
 from rich.console import Console
 from typer.testing import CliRunner
 
@@ -147,7 +148,7 @@ def test_shards_from_a_bigger_tokenizer_name_it_in_the_error(tmp_path):
         ShardBatchSource(tmp_path, vocab_size=600)  # the tokenizer is not the cause
 
 
-TINY_RUN = ["--steps", "1", "--seq-len", "8", "--batch-size", "2", "--teacher-warmup", "0"]
+TINY_RUN = ["--steps", "1", "--seq-len", "8", "--batch-size", "2"]
 
 
 @pytest.fixture
@@ -176,7 +177,8 @@ def test_threads_default_to_the_usable_cores_and_are_recorded(
     if omp_env is not None:
         monkeypatch.setenv("OMP_NUM_THREADS", omp_env)
         torch.set_num_threads(int(omp_env))  # what torch read from it when it loaded
-    result = CliRunner().invoke(app, ["distill", *TINY_RUN, *flag, "--out", str(tmp_path / "r")])
+    args = ["distill", *TINY_RUN, "--teacher-warmup", "0", *flag, "--out", str(tmp_path / "r")]
+    result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     manifest = json.loads((tmp_path / "r" / "dispatch.json").read_text())
     assert manifest["cpu_threads"] == expected
@@ -199,3 +201,26 @@ def test_progress_bar_redraws_show_no_markup_tags():
     out = console.file.getvalue()
     assert "step 3/3 loss=[1.0]" in out and "distill" in out
     assert "[progress" not in out
+
+
+def test_train_output_has_no_kd_column_and_names_the_model(tmp_path):
+    result = CliRunner().invoke(
+        app, ["train", "--model", "tiny-student", *TINY_RUN, "--out", str(tmp_path / "r")]
+    )
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.splitlines()
+    assert lines[1].startswith("model: tiny-student (") and "no teacher" in lines[1]
+    assert "teacher:" not in result.stdout
+    step = next(line for line in lines if line.startswith("step "))
+    assert "kd=" not in step and "ce=" not in step and " loss=" in step
+
+
+def test_a_run_stopped_on_request_is_not_printed_as_an_error(capsys):
+    from apr_cli.commands.common import user_errors
+    from apr_cli.distill.signals import RunInterrupted
+
+    with pytest.raises(typer.Exit) as stopped, user_errors():
+        raise RunInterrupted(2, Path("runs/x"), 5, "train")
+    assert stopped.value.exit_code == 130
+    err = capsys.readouterr().err
+    assert err.startswith("stopped: interrupted by SIGINT after step 5") and "error" not in err

@@ -38,7 +38,7 @@ class RunReporter:
         self.emit, self.on_progress = emit, on_progress
 
     def on_step(self, metrics: StepMetrics) -> None:
-        line = format_step(metrics)
+        line = format_step(metrics, with_teacher=self.pipeline.teacher is not None)
         self.emit(line)
         self.run.log(line)
         self.run.append_metrics(metrics)

@@ -65,16 +65,14 @@ def start(
     except BaseException as e:
         finish_failed(run, manifest, e, steps_completed=0)
         raise
-    teacher = (
-        f"{p.teacher_info['spec']} ({p.teacher_info['parameters']:,} params)"
+    student = f"{p.student_info['spec']} ({p.student_info['parameters']:,} params)"
+    models = (
+        f"teacher: {p.teacher_info['spec']} ({p.teacher_info['parameters']:,} params) "
+        f"student: {student}"
         if p.teacher_info is not None
-        else "none (cross-entropy on the labels only)"
+        else f"model: {student}, cross-entropy on the labels (no teacher)"
     )
-    emit_and_log(
-        f"teacher: {teacher} "
-        f"student: {p.student_info['spec']} ({p.student_info['parameters']:,} params) "
-        f"device: {p.backend.name} ({p.backend.compute_dtype})"
-    )
+    emit_and_log(f"{models} device: {p.backend.name} ({p.backend.compute_dtype})")
     return run, manifest
 
 

@@ -40,13 +40,16 @@ def default_run_dir(prefix: str = "distill") -> Path:
     return Path("runs") / f"{prefix}-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}"
 
 
-def format_step(m: StepMetrics) -> str:
-    """The one line a step leaves in the terminal and in the victory log."""
+def format_step(m: StepMetrics, with_teacher: bool = True) -> str:
+    """The one line a step leaves in the terminal and in the victory log.
+
+    Without a teacher the loss is the CE alone: no kd and ce columns.
+    """
     width = len(str(m.steps))
+    terms = f" kd={m.kd_loss:.4f} ce={m.ce_loss:.4f}" if with_teacher else ""
     return (
-        f"step {m.step:>{width}}/{m.steps} loss={m.loss:.4f} kd={m.kd_loss:.4f} "
-        f"ce={m.ce_loss:.4f} lr={m.lr:.2e} tok/s={m.tokens_per_s:.0f} "
-        f"sec/step={m.sec_per_step:.3f}"
+        f"step {m.step:>{width}}/{m.steps} loss={m.loss:.4f}{terms} lr={m.lr:.2e} "
+        f"tok/s={m.tokens_per_s:.0f} sec/step={m.sec_per_step:.3f}"
     )
 
 
