@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import stat
 import subprocess
 import sys
@@ -21,6 +22,7 @@ from apr_cli.cli import app
 from apr_cli.commands.training import ProgressBar, line_printer
 from apr_cli.data.build import build_shards, collect_inputs
 from apr_cli.data.shards import ShardBatchSource
+from apr_cli.distill.rundir import RunDirectory, default_run_dir
 from apr_cli.errors import AprError
 from apr_cli.fsutil import atomic_write_bytes
 from apr_cli.model.checkpoint import save_model
@@ -224,3 +226,20 @@ def test_a_run_stopped_on_request_is_not_printed_as_an_error(capsys):
     assert stopped.value.exit_code == 130
     err = capsys.readouterr().err
     assert err.startswith("stopped: interrupted by SIGINT after step 5") and "error" not in err
+
+
+def test_default_run_dirs_started_in_the_same_second_differ(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    names = [default_run_dir("train").as_posix() for _ in range(4)]  # mostly within one second
+    assert len(set(names)) == 4 and all(Path(n).is_dir() for n in names)
+    assert all(re.fullmatch(r"runs/train-\d{8}-\d{6}(-\d+)?", n) for n in names), names
+
+
+def test_a_running_run_is_never_advised_to_be_overwritten(tmp_path):
+    RunDirectory(tmp_path).write_manifest({"status": "running"})
+    with pytest.raises(AprError, match="still running") as refused:
+        RunDirectory.create(tmp_path)
+    assert "--overwrite" not in str(refused.value) and f"--resume {tmp_path}" in str(refused.value)
+    RunDirectory(tmp_path).write_manifest({"status": "completed"})
+    with pytest.raises(AprError, match="pass --overwrite"):
+        RunDirectory.create(tmp_path)

@@ -57,7 +57,7 @@ def run_training(
             if flags.plan_only:
                 render_plan(plan(prepared), flags.json_output, lines)
                 return
-            out = flags.out or default_run_dir(name)
+            out = flags.out or default_run_dir(name, claim=prepared.backend.is_main)
             run, manifest = run_lib.start(prepared, out, overwrite=flags.overwrite, emit=emit)
             state = None
         for_terminal = lines.is_terminal and not flags.json_output

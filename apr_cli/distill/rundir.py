@@ -35,9 +35,24 @@ def utc_now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
-def default_run_dir(prefix: str = "distill") -> Path:
-    """runs/PREFIX-YYYYMMDD-HHMMSS in UTC."""
-    return Path("runs") / f"{prefix}-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}"
+def default_run_dir(prefix: str = "distill", claim: bool = True) -> Path:
+    """runs/PREFIX-YYYYMMDD-HHMMSS in UTC, with -2, -3, ... for runs started in the same second.
+
+    `claim` creates the directory, so two runs never pick the same one; torchrun's other ranks
+    (which write nothing) only name it.
+    """
+    base = Path("runs") / f"{prefix}-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}"
+    if not claim:
+        return base
+    base.parent.mkdir(parents=True, exist_ok=True)
+    path, n = base, 1
+    while True:
+        try:
+            path.mkdir()  # atomic: exactly one run gets each name
+            return path
+        except FileExistsError:
+            n += 1
+            path = base.with_name(f"{base.name}-{n}")
 
 
 def format_step(m: StepMetrics, with_teacher: bool = True) -> str:
@@ -82,6 +97,12 @@ class RunDirectory:
         previous = run.read_manifest()
         if previous is not None and not overwrite:
             status = previous.get("status", "unknown")
+            if status == "running":  # or killed before it could say otherwise: never advise
+                raise AprError(  # overwriting what may still be going
+                    f"--out {run.path}: holds a run that is still running (or was killed "
+                    f"without finishing); continue it with --resume {run.path} once it has "
+                    "stopped, or choose another --out"
+                )
             raise AprError(
                 f"--out {run.path}: already holds a {status} run; "
                 "pass --overwrite to replace it or choose another --out"
