@@ -243,3 +243,14 @@ def test_a_running_run_is_never_advised_to_be_overwritten(tmp_path):
     RunDirectory(tmp_path).write_manifest({"status": "completed"})
     with pytest.raises(AprError, match="pass --overwrite"):
         RunDirectory.create(tmp_path)
+
+
+def test_resuming_a_finished_run_without_more_steps_changes_nothing(tmp_path):
+    out = tmp_path / "r"
+    args = ["train", *TINY_RUN, "--steps", "2", "--out", str(out)]
+    assert CliRunner().invoke(app, args).exit_code == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    result = CliRunner().invoke(app, ["train", "--resume", str(out)])
+    assert result.exit_code == 0, result.output
+    assert result.stderr.startswith("nothing to do: ") and "completed all 2 steps" in result.stderr
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before

@@ -76,6 +76,15 @@ def start(
     return run, manifest
 
 
+class NothingToResume(AprError):
+    """A finished run resumed with nothing more to do: said, and nothing is written."""
+
+    label = "nothing to do"
+
+    def __init__(self, message: str):
+        super().__init__(message, exit_code=0)
+
+
 def resume(
     run_dir: Path,
     requested: DistillOptions,
@@ -98,6 +107,11 @@ def resume(
     step = checkpoint["pipeline"]["step"]
     if options.train.steps < step:
         raise AprError(f"--steps {options.train.steps} is below the checkpoint's step {step}")
+    if options.train.steps == step and manifest.get("status") == "completed":
+        raise NothingToResume(
+            f"--resume {run_dir}: the run completed all {step} steps; nothing changed "
+            f"(pass --steps N above {step} to train further)"
+        )
     warmed = run.path / TEACHER_WARMED
     load = replace(options, teacher=str(warmed), teacher_warmup=0) if warmed.is_dir() else options
     p = prepare(load)
