@@ -254,3 +254,19 @@ def test_resuming_a_finished_run_without_more_steps_changes_nothing(tmp_path):
     assert result.exit_code == 0, result.output
     assert result.stderr.startswith("nothing to do: ") and "completed all 2 steps" in result.stderr
     assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
+
+
+def test_plan_data_line_is_readable_and_shows_the_dataset_vocab(tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    np.arange(2000, dtype="<u4").__mod__(300).astype("<u4").tofile(data / "a.bin")
+    (data / "meta.json").write_text('{"vocab_size": 300, "tokenizer": "tokenizer.json"}')
+    result = CliRunner().invoke(app, ["distill", "--plan", "--dataset", str(data), *TINY_RUN])
+    assert result.exit_code == 0, result.output
+    line = next(x for x in result.stdout.splitlines() if x.startswith("data: "))
+    assert line == (
+        f"data: {data.resolve()}: 2,000 tokens in 1 files, tokenizer tokenizer.json, "
+        "dataset vocab 300, windows read in order"
+    )
+    synthetic = CliRunner().invoke(app, ["distill", "--plan", *TINY_RUN]).stdout
+    assert "data: synthetic batches (row i repeats token i % 512)" in synthetic

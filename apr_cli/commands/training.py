@@ -93,7 +93,7 @@ def render_plan(info: dict[str, Any], json_output: bool, lines: Console) -> None
         describe_model("teacher", info["teacher"]),
         describe_model("student", info["student"]),
         f"teacher warm-up: {info['teacher_warmup_steps']} steps",
-        f"data: {json.dumps(info['data'])}",
+        f"data: {describe_data(info['data'])}",
         f"shared vocab: {info['shared_vocab_size']}",
         f"device: {info['backend']['device']} ({info['backend']['dtype']})",
         f"steps: {hp['steps']}, batch {hp['batch_size']} x seq {hp['seq_len']} = "
@@ -106,6 +106,19 @@ def render_plan(info: dict[str, Any], json_output: bool, lines: Console) -> None
     ]
     for row in rows:
         lines.print(row, markup=False)
+
+
+def describe_data(data: dict[str, Any]) -> str:
+    """One readable line for the plan: where the tokens come from and their vocabulary."""
+    if data["kind"] == "synthetic":
+        return f"synthetic batches (row i repeats token i % {data['vocab_size']})"
+    vocab = data["vocab_size"] if data["vocab_size"] is not None else "unknown (no meta.json)"
+    tokenizer = f", tokenizer {data['tokenizer']}" if "tokenizer" in data else ""
+    order = "shuffled" if data["shuffle"] else "in order"
+    return (
+        f"{data['path']}: {data['tokens']:,} tokens in {data['files']} files{tokenizer}, "
+        f"dataset vocab {vocab}, windows read {order}"
+    )
 
 
 def describe_model(role: str, info: dict | None) -> str:

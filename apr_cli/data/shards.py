@@ -314,14 +314,14 @@ class ShardBatchSource:
     def describe(self) -> dict[str, Any]:
         widths = sorted({s.token_width for s in self.files})
         meta = self.meta or {}
-        vocab_size = self.vocab_size if self.vocab_size is not None else meta.get("vocab_size")
         info: dict[str, Any] = {
             "kind": "shards",
             "path": str(self.path),
             "files": len(self.files),
             "tokens": self.tokens,
             "token_width": widths[0] if len(widths) == 1 else widths,
-            "vocab_size": vocab_size,
+            "vocab_size": meta.get("vocab_size"),  # the dataset's tokenizer, from meta.json
+            "ids_checked_below": self.vocab_size,  # the models' shared vocabulary
             "wrap": self.wrap,
             "shuffle": self.shuffle,
             "seed": self.seed,
