@@ -111,7 +111,7 @@ def kd_loss(
     return LossParts(*parts)
 
 
-# A block's fp32 logits take at most this many bytes; the loss holds five such (N, V) buffers.
+# A block's fp32 logits take at most this many bytes; the loss holds four such (N, V) buffers.
 # 165 tokens at Qwen's vocab: with fewer, the CPU matmuls against the (V, C) weight lose speed
 # (half at 55 tokens), with more, memory grows for little gain.
 BLOCK_LOGITS_BYTES = 96 * 2**20
@@ -125,6 +125,15 @@ def auto_chunk_tokens(vocab: int) -> int:
 def _rowdot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """sum(a * b, -1) for (n, V) tensors, without an (n, V) temporary."""
     return torch.bmm(a.unsqueeze(1), b.unsqueeze(2)).view(-1)  # (n,)
+
+
+def _log_sum_exp(z: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
+    """logsumexp of each row of z (n, V) given probs = softmax(z), by two reads, no exp.
+
+    At the largest logit lse = z - log softmax(z), and that probability is >= 1/V, so its log
+    is as exact as the probability itself.
+    """
+    return z.amax(-1) - probs.amax(-1).log()  # (n,)
 
 
 def block_loss(
@@ -147,40 +156,44 @@ def block_loss(
       forward KL: d/dz = q - q_t
       reverse KL: d/dz = q * (log q - log q_t - KL(q || q_t))
       JSD:        d/dz = (1 - beta) * q * (log q - log m - KL(q || m)), m = beta q_t + (1 - beta) q
-    and d loss / d logits = alpha * T * d/dz + (1 - alpha) * (p - onehot(label)).
+    and d loss / d logits = alpha * T * d/dz + (1 - alpha) * (p - onehot(label)). Each
+    distribution costs one exp per logit (a softmax); log-sum-exps come from two reads.
     """
     grad, work = scratch
     rows = torch.arange(labels.shape[0], device=labels.device)
     y = labels.clamp(min=0)  # ignored rows get any finite gradient; their weight is 0
-    torch.log_softmax(logits, -1, out=grad)  # log p
-    ce = -grad[rows, y]  # (n,)
+    p = torch.softmax(logits, -1, out=grad)
+    ce = _log_sum_exp(logits, p) - logits[rows, y]  # (n,)
     ce_weight = 1.0 if teacher is None else 1.0 - alpha  # with no teacher the loss is CE alone
-    grad.exp_().mul_(ce_weight)
+    grad.mul_(ce_weight)
     grad[rows, y] -= ce_weight  # the CE part: (1 - alpha) * (p - onehot)
     if teacher is None:
         return grad, torch.zeros_like(ce), ce
-    if temperature != 1.0:
-        logits.div_(temperature)
-    log_q = torch.log_softmax(logits, -1, out=work)  # (n, V) student
-    log_qt = torch.log_softmax(teacher, -1, out=logits)  # (n, V) teacher
-    free = teacher
-    if kind == "forward-kl":
-        diff = torch.sub(log_qt, log_q, out=free)
-        q_t = log_qt.exp_()
-        kd = _rowdot(q_t, diff)
-        d_z = log_q.exp_().sub_(q_t)
-    elif kind == "reverse-kl":
-        diff = torch.sub(log_q, log_qt, out=free)
-        q = log_q.exp_()
-        kd = _rowdot(q, diff)
-        d_z = diff.sub_(kd.unsqueeze(1)).mul_(q)
+    q_t = torch.softmax(teacher, -1, out=work)  # (n, V)
+    lse_t = _log_sum_exp(teacher, q_t)  # (n,)
+    z = logits.div_(temperature) if temperature != 1.0 else logits  # (n, V) student
+    if kind == "forward-kl":  # KL = sum q_t (z_t - z) - lse_t + lse
+        cross_t = _rowdot(q_t, teacher)
+        q = torch.softmax(z, -1, out=teacher)
+        lse = _log_sum_exp(z, q)
+        kd = cross_t - _rowdot(q_t, z) - lse_t + lse
+        d_z = q.sub_(q_t)
+    elif kind == "reverse-kl":  # KL = sum q (z - z_t) - lse + lse_t
+        q = torch.softmax(z, -1, out=work)
+        shift = _log_sum_exp(z, q) - lse_t  # log q - log q_t = z - z_t - shift
+        diff = torch.sub(z, teacher, out=teacher)
+        kd = _rowdot(q, diff) - shift
+        d_z = diff.sub_((kd + shift).unsqueeze(1)).mul_(q)
     elif kind == "jsd":
         if not 0.0 < beta < 1.0:
             raise ValueError(f"jsd beta must be in (0, 1), got {beta}")
+        q = torch.softmax(z, -1, out=work)
+        log_q = z.sub_(_log_sum_exp(z, q).unsqueeze(1))
+        log_qt = teacher.sub_(lse_t.unsqueeze(1))
         log_b, log_1b = math.log(beta), math.log(1.0 - beta)
         # u = log(beta q_t / m) and w = log((1 - beta) q / m) are <= 0, so their exps cannot
         # overflow: beta KL(q_t || m) = sum m e^u u - beta log beta, (1 - beta) KL(q || m) likewise.
-        log_m = torch.logaddexp(log_qt.add_(log_b), log_q.add_(log_1b), out=free)
+        log_m = torch.logaddexp(log_qt.add_(log_b), log_q.add_(log_1b), out=work)
         u, w = log_qt.sub_(log_m), log_q.sub_(log_m)
         m = log_m.exp_()
         e_u = u.exp_()
