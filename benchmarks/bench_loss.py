@@ -157,7 +157,8 @@ def main() -> None:
         sweep(args)
         return
 
-    chunk = args.chunk or auto_chunk_tokens(VOCAB)
+    low = torch.bfloat16 if args.dtype == "bf16" else torch.float32
+    chunk = args.chunk or auto_chunk_tokens(VOCAB, low)
     device = torch.cuda.get_device_name() if args.device == "cuda" else f"cpu x{os.cpu_count()}"
     print(
         f"vocab {VOCAB}, hidden {HIDDEN}, {args.tokens} tokens, {device}, {args.dtype}, "

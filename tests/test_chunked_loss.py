@@ -129,8 +129,10 @@ def test_bf16_autocast_computes_the_loss_in_fp32():
     torch.testing.assert_close(chunked[2], direct[2], rtol=0.05, atol=0.02)
 
 
-def test_auto_chunk_bounds_block_logits():
-    assert auto_chunk_tokens(151936) * 151936 * 4 <= 96 * 2**20
+def test_auto_chunk_bounds_block_logits_and_grows_for_bf16():
+    fp32, bf16 = auto_chunk_tokens(151936), auto_chunk_tokens(151936, torch.bfloat16)
+    assert fp32 * 151936 * 4 <= 96 * 2**20 < (fp32 + 1) * 151936 * 4
+    assert bf16 * 151936 * 4 <= 256 * 2**20 and bf16 > 2 * fp32
     assert auto_chunk_tokens(10**9) == 1
 
 

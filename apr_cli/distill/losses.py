@@ -111,15 +111,19 @@ def kd_loss(
     return LossParts(*parts)
 
 
-# A block's fp32 logits take at most this many bytes; the loss holds four such (N, V) buffers.
-# 165 tokens at Qwen's vocab: with fewer, the CPU matmuls against the (V, C) weight lose speed
-# (half at 55 tokens), with more, memory grows for little gain.
-BLOCK_LOGITS_BYTES = 96 * 2**20
+# A block's fp32 logits take at most this many bytes; the loss holds four such (N, V) buffers
+# (five in bf16). Measured on a 2-core AMX CPU at Qwen's vocab (docs/performance.md): fp32
+# matmuls against the (V, C) weight reach their rate at ~160 rows (96 MiB: 165 tokens), AMX bf16
+# ones need ~500 (256 MiB: 441 tokens), where each block's bf16 weight-gradient product added
+# into the fp32 sum also costs less per token. Hidden sizes do not enter: per block and per
+# token, matmul and that addition both grow with C alike.
+BLOCK_LOGITS_BYTES = {torch.float32: 96 * 2**20, torch.bfloat16: 256 * 2**20}
 
 
-def auto_chunk_tokens(vocab: int) -> int:
-    """Tokens per loss block so that a block's fp32 logits fit in BLOCK_LOGITS_BYTES."""
-    return max(1, BLOCK_LOGITS_BYTES // (4 * vocab))
+def auto_chunk_tokens(vocab: int, dtype: torch.dtype = torch.float32) -> int:
+    """Tokens per loss block for matmuls in `dtype`, so that block logits fit the budget."""
+    budget = BLOCK_LOGITS_BYTES.get(dtype, BLOCK_LOGITS_BYTES[torch.bfloat16])
+    return max(1, budget // (4 * vocab))
 
 
 def _rowdot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -173,10 +177,9 @@ def block_loss(
     lse_t = _log_sum_exp(teacher, q_t)  # (n,)
     z = logits.div_(temperature) if temperature != 1.0 else logits  # (n, V) student
     if kind == "forward-kl":  # KL = sum q_t (z_t - z) - lse_t + lse
-        cross_t = _rowdot(q_t, teacher)
+        kd = _rowdot(q_t, teacher.sub_(z)) - lse_t
         q = torch.softmax(z, -1, out=teacher)
-        lse = _log_sum_exp(z, q)
-        kd = cross_t - _rowdot(q_t, z) - lse_t + lse
+        kd += _log_sum_exp(z, q)
         d_z = q.sub_(q_t)
     elif kind == "reverse-kl":  # KL = sum q (z - z_t) - lse + lse_t
         q = torch.softmax(z, -1, out=work)
@@ -229,14 +232,12 @@ class _ChunkedDistillLoss(torch.autograd.Function):
         temperature: float,
         alpha: float,
         beta: float,
+        mm_dtype: torch.dtype,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         need_h, need_w = ctx.needs_input_grad[:2]
         device = student_hidden.device
-        # Matmuls run in the ambient autocast dtype (bf16 on CUDA or with --dtype bf16), each
-        # operand cast once per call rather than once per block; the loss math runs in fp32.
-        mm_dtype = student_weight.dtype
-        if torch.is_autocast_enabled(device.type):
-            mm_dtype = torch.get_autocast_dtype(device.type)
+        # Matmuls run in mm_dtype (the ambient autocast's: bf16 on CUDA or with --dtype bf16),
+        # each operand cast once per call rather than once per block; the loss math runs in fp32.
         weight = student_weight[:vocab].to(mm_dtype)  # (V, C)
         hidden = student_hidden.to(mm_dtype)  # (N, C)
         has_teacher = teacher_hidden is not None
@@ -254,36 +255,39 @@ class _ChunkedDistillLoss(torch.autograd.Function):
         # fp32 so that the sum over blocks does not round at each step under bf16.
         grad_w = torch.zeros_like(student_weight, dtype=torch.float32) if need_w else None
         kd_sum = ce_sum = torch.zeros((), device=device)
-        for start in range(0, labels.shape[0], chunk):
-            block = slice(start, start + chunk)
-            h = hidden[block]  # (n, C)
-            logits, teacher, *scratch = (b[: h.shape[0]] for b in fp32)  # (n, V) each
-            _matmul_into(logits, h, weight.T, low)
-            if has_teacher:
-                _matmul_into(teacher, teacher_hidden[block], teacher_w.T, low)
-            grad, kd, ce = block_loss(
-                logits,
-                teacher if has_teacher else None,
-                scratch,
-                labels[block],
-                kind,
-                temperature,
-                alpha,
-                beta,
-            )
-            w = token_weight[block]  # (n,)
-            kd_sum = kd_sum + kd @ w
-            ce_sum = ce_sum + ce @ w
-            if not (need_h or need_w):
-                continue
-            if low is not None:  # the gradient's matmuls in the low dtype too
-                grad = low[: h.shape[0]].copy_(grad)
-            # The per-token weights scale the (n, C) side, not the (n, V) gradient.
-            if need_h:
-                grad_h[block] = (grad @ weight).float().mul_(w.unsqueeze(1))  # (n, C)
-            if need_w:
-                h_w = (h.float() * w.unsqueeze(1)).to(mm_dtype)  # (n, C), a new tensor
-                _add_product(grad_w[:vocab], grad.T, h_w)  # (V, C)
+        # Every dtype below is explicit: autocast would run the row dots and the (n,) sums in
+        # bf16 too, and the casts it inserts cost more than the dots.
+        with torch.autocast(device.type, enabled=False):
+            for start in range(0, labels.shape[0], chunk):
+                block = slice(start, start + chunk)
+                h = hidden[block]  # (n, C)
+                logits, teacher, *scratch = (b[: h.shape[0]] for b in fp32)  # (n, V) each
+                _matmul_into(logits, h, weight.T, low)
+                if has_teacher:
+                    _matmul_into(teacher, teacher_hidden[block], teacher_w.T, low)
+                grad, kd, ce = block_loss(
+                    logits,
+                    teacher if has_teacher else None,
+                    scratch,
+                    labels[block],
+                    kind,
+                    temperature,
+                    alpha,
+                    beta,
+                )
+                w = token_weight[block]  # (n,)
+                kd_sum = kd_sum + kd @ w
+                ce_sum = ce_sum + ce @ w
+                if not (need_h or need_w):
+                    continue
+                if low is not None:  # the gradient's matmuls in the low dtype too
+                    grad = low[: h.shape[0]].copy_(grad)
+                # The per-token weights scale the (n, C) side, not the (n, V) gradient.
+                if need_h:
+                    grad_h[block] = (grad @ weight).float().mul_(w.unsqueeze(1))  # (n, C)
+                if need_w:
+                    h_w = (h.float() * w.unsqueeze(1)).to(mm_dtype)  # (n, C), a new tensor
+                    _add_product(grad_w[:vocab], grad.T, h_w)  # (V, C)
         if need_w:
             grad_w = grad_w.to(student_weight.dtype)
         ctx.save_for_backward(grad_h, grad_w)
@@ -298,7 +302,7 @@ class _ChunkedDistillLoss(torch.autograd.Function):
         grad_h, grad_w = ctx.saved_tensors
         # In place: a scaled copy of the (V, C) weight gradient would double its memory.
         grads = [None if g is None else g.mul_(grad_loss) for g in (grad_h, grad_w)]
-        return *grads, *([None] * 9)
+        return *grads, *([None] * 10)
 
 
 def _matmul_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, low: torch.Tensor | None):
@@ -345,7 +349,10 @@ def distill_loss(
         teacher = teacher_hidden.reshape(-1, teacher_hidden.shape[-1])  # (N, C_t)
     if not torch.is_grad_enabled():  # evaluation (no_grad / inference_mode): no gradients to make
         hidden, student_weight = hidden.detach(), student_weight.detach()
-    chunk = min(chunk_tokens or auto_chunk_tokens(vocab), hidden.shape[0])
+    mm_dtype = student_weight.dtype
+    if torch.is_autocast_enabled(hidden.device.type):
+        mm_dtype = torch.get_autocast_dtype(hidden.device.type)
+    chunk = min(chunk_tokens or auto_chunk_tokens(vocab, mm_dtype), hidden.shape[0])
     loss, kd, ce = _ChunkedDistillLoss.apply(
         hidden,
         student_weight,
@@ -358,5 +365,6 @@ def distill_loss(
         temperature,
         alpha,
         beta,
+        mm_dtype,
     )
     return LossParts(loss=loss, kd=kd, ce=ce)
