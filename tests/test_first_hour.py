@@ -84,6 +84,7 @@ HELP_ARGVS = [
     ["generate", "--help"],
     ["shards", "build", "--help"],
     ["shards", "inspect", "--help"],
+    ["humaneval", "--help"],
 ]
 # Run in a fresh interpreter: the test process itself has long imported torch.
 HELP_PROBE = """
