@@ -271,3 +271,13 @@ def test_plan_data_line_is_readable_and_shows_the_dataset_vocab(tmp_path):
     )
     synthetic = CliRunner().invoke(app, ["distill", "--plan", *TINY_RUN]).stdout
     assert "data: synthetic batches (row i repeats token i % 512)" in synthetic
+
+
+def test_teacher_warmup_says_it_started_and_how_far_it_got(tmp_path):
+    args = ["distill", *TINY_RUN, "--teacher-warmup", "20", "--out", str(tmp_path / "r")]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    warm = [line for line in result.stdout.splitlines() if line.startswith("teacher warm-up:")]
+    assert warm[0].startswith("teacher warm-up: training the untrained preset teacher for 20")
+    assert [w.split()[3] for w in warm[1:-1]] == [f"{s}/20" for s in range(2, 21, 2)]
+    assert warm[-1].startswith("teacher warm-up: 20 CE steps on the batch source, loss ")

@@ -13,7 +13,7 @@ from apr_cli.data.source import BatchSource, SyntheticBatchSource
 from apr_cli.distill.backend import Backend, seed_everything, select_backend
 from apr_cli.distill.losses import auto_chunk_tokens
 from apr_cli.distill.options import DistillOptions
-from apr_cli.distill.pipeline import Pipeline, TrainConfig
+from apr_cli.distill.pipeline import Pipeline, StepMetrics, TrainConfig
 from apr_cli.errors import AprError
 from apr_cli.model.checkpoint import init_student_from_teacher, load_model, parse_teacher_layers
 from apr_cli.model.qwen2 import Qwen2ForCausalLM, count_parameters
@@ -185,6 +185,17 @@ def plan(p: Prepared) -> dict[str, Any]:
     }
 
 
+class WarmupProgress:
+    """A line every tenth of the warm-up, so the phase is never silent for long."""
+
+    def __init__(self, emit: Callable[[str], None]):
+        self.emit = emit
+
+    def on_step(self, m: StepMetrics) -> None:
+        if m.step % max(1, m.steps // 10) == 0:
+            self.emit(f"teacher warm-up: step {m.step}/{m.steps} loss={m.loss:.4f}")
+
+
 def warm_up_teacher(p: Prepared, emit: Callable[[str], None]) -> dict[str, Any] | None:
     """Train a preset teacher with CE on the run's batches, then rewind the source."""
     steps = p.teacher_warmup
@@ -202,7 +213,11 @@ def warm_up_teacher(p: Prepared, emit: Callable[[str], None]) -> dict[str, Any] 
     )
     # The teacher is trained in fp32 and frozen afterwards by the distillation pipeline.
     p.teacher.float().train().requires_grad_(True)
-    result = Pipeline(p.teacher, None, warm_cfg, p.source, p.backend).train()
+    emit(
+        f"teacher warm-up: training the untrained preset teacher for {steps} CE steps first "
+        "(--teacher-warmup 0 skips it)"
+    )
+    result = Pipeline(p.teacher, None, warm_cfg, p.source, p.backend).train(WarmupProgress(emit))
     p.teacher.to(p.backend.teacher_dtype)
     p.source.reset()
     emit(
