@@ -17,6 +17,7 @@ from apr_cli.commands.distill import distill
 from apr_cli.commands.eval import eval_model
 from apr_cli.commands.generate import generate
 from apr_cli.commands.humaneval import humaneval
+from apr_cli.commands.options import flag
 from apr_cli.commands.shards import app as shards_app
 from apr_cli.commands.train import train
 
@@ -45,9 +46,7 @@ def show_version(value: bool) -> None:
 def root(
     version: Annotated[
         bool,
-        typer.Option(
-            "--version", help="Print the version and exit.", is_eager=True, callback=show_version
-        ),
+        flag("--version", help="Print the version and exit.", is_eager=True, callback=show_version),
     ] = False,
 ) -> None:
     """Distill a teacher language model into a smaller student."""

@@ -281,3 +281,26 @@ def test_teacher_warmup_says_it_started_and_how_far_it_got(tmp_path):
     assert warm[0].startswith("teacher warm-up: training the untrained preset teacher for 20")
     assert [w.split()[3] for w in warm[1:-1]] == [f"{s}/20" for s in range(2, 21, 2)]
     assert warm[-1].startswith("teacher warm-up: 20 CE steps on the batch source, loss ")
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [["distill"], ["train"], ["eval"], ["generate"], ["shards", "build"], ["shards", "inspect"]],
+)
+def test_help_shows_no_bool_types_negations_or_stray_dots(argv):
+    result = CliRunner().invoke(app, [*argv, "--help"], env={"COLUMNS": "200"})
+    assert result.exit_code == 0
+    rows = [row for row in result.stdout.splitlines() if "--help" not in row]
+    assert not [row for row in rows if "<bool>" in row or "--no-" in row or " . " in row]
+    assert "{model}" not in result.stdout
+
+
+def test_help_shows_the_defaults_that_depend_on_something():
+    text = CliRunner().invoke(app, ["distill", "--help"], env={"COLUMNS": "200"}).stdout
+    assert "[default: (50 for a preset teacher, else 0)]" in text
+    assert "[default: (runs/COMMAND-YYYYMMDD-HHMMSS in UTC, then -2, -3... if taken)]" in text
+
+
+def test_eval_device_is_not_a_training_option():
+    text = CliRunner().invoke(app, ["eval", "--help"], env={"COLUMNS": "200"}).stdout
+    assert "Training" not in text and "--device" in text.split("Runtime")[1]

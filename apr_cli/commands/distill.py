@@ -72,7 +72,8 @@ def distill(
         int | None,
         typer.Option(
             help="CE steps that train the teacher on the batches before distilling "
-            "[default: 50 for a preset teacher, which starts untrained; 0 otherwise].",
+            "(a preset teacher starts untrained).",
+            show_default="50 for a preset teacher, else 0",
             rich_help_panel=MODELS,
         ),
     ] = None,

@@ -22,6 +22,7 @@ from rich.progress import (
 )
 
 from apr_cli.commands.common import fail, stderr, user_errors
+from apr_cli.commands.options import flag
 
 if TYPE_CHECKING:
     from apr_cli.data.tokenizer import TextTokenizer
@@ -40,7 +41,7 @@ def build(
         typer.Argument(
             help="Text or code files (one document each), .jsonl files (one document per line), "
             "directories (walked recursively, hidden and binary files skipped) or globs.",
-            metavar="INPUT...",
+            metavar="INPUT",
             show_default=False,
         ),
     ],
@@ -84,7 +85,7 @@ def build(
     ] = 100_000_000,
     force: Annotated[
         bool,
-        typer.Option("--force", help="Replace a non-empty --out folder.", rich_help_panel=OUTPUT),
+        flag("--force", help="Replace a non-empty --out folder.", rich_help_panel=OUTPUT),
     ] = False,
 ) -> None:
     """Tokenize text into uint32 shards, EOS after each document, with a train/val split."""
@@ -166,7 +167,7 @@ def inspect(
         int, typer.Option(help="Tokens to decode from the start.", rich_help_panel="Output")
     ] = 64,
     as_json: Annotated[
-        bool, typer.Option("--json", help="Print a JSON report.", rich_help_panel="Output")
+        bool, flag("--json", help="Print a JSON report.", rich_help_panel="Output")
     ] = False,
 ) -> None:
     """Files, token count, id range, vocab check and a decoded sample; exit 1 if ids are too big."""
