@@ -30,13 +30,18 @@ from apr_cli.commands.options import (
     SeqLen,
     Shuffle,
     Steps,
+    Threads,
     Warmup,
     WeightDecay,
 )
 from apr_cli.commands.training import RunFlags, run_training
-from apr_cli.distill.losses import LOSS_KINDS
-from apr_cli.distill.options import DEFAULT_STUDENT, DEFAULT_TEACHER, DistillOptions
-from apr_cli.distill.pipeline import TrainConfig
+from apr_cli.distill.options import (
+    DEFAULT_STUDENT,
+    DEFAULT_TEACHER,
+    LOSS_KINDS,
+    DistillOptions,
+    TrainConfig,
+)
 
 
 def distill(
@@ -67,7 +72,8 @@ def distill(
         int | None,
         typer.Option(
             help="CE steps that train the teacher on the batches before distilling "
-            "[default: 50 for a preset teacher, which starts untrained; 0 otherwise].",
+            "(a preset teacher starts untrained).",
+            show_default="50 for a preset teacher, else 0",
             rich_help_panel=MODELS,
         ),
     ] = None,
@@ -106,6 +112,7 @@ def distill(
     loss_chunk: LossChunk = TrainConfig.loss_chunk,
     compile_models: Compile = False,
     fsdp: Fsdp = False,
+    threads: Threads = DistillOptions.threads,
     out: Out = None,
     resume: Resume = None,
     save_every: SaveEvery = DistillOptions.save_every,
@@ -127,6 +134,7 @@ def distill(
         save_every=save_every,
         fsdp=fsdp,
         keep_checkpoints=keep_checkpoints,
+        threads=threads,
         train=TrainConfig(
             steps=steps,
             batch_size=batch_size,

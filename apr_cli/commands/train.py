@@ -29,12 +29,12 @@ from apr_cli.commands.options import (
     SeqLen,
     Shuffle,
     Steps,
+    Threads,
     Warmup,
     WeightDecay,
 )
 from apr_cli.commands.training import RunFlags, run_training
-from apr_cli.distill.options import DEFAULT_STUDENT, DistillOptions
-from apr_cli.distill.pipeline import TrainConfig
+from apr_cli.distill.options import DEFAULT_STUDENT, DistillOptions, TrainConfig
 
 
 def train(
@@ -62,6 +62,7 @@ def train(
     loss_chunk: LossChunk = TrainConfig.loss_chunk,
     compile_models: Compile = False,
     fsdp: Fsdp = False,
+    threads: Threads = DistillOptions.threads,
     out: Out = None,
     resume: Resume = None,
     save_every: SaveEvery = DistillOptions.save_every,
@@ -84,6 +85,7 @@ def train(
         save_every=save_every,
         fsdp=fsdp,
         keep_checkpoints=keep_checkpoints,
+        threads=threads,
         train=TrainConfig(
             steps=steps,
             batch_size=batch_size,
