@@ -16,6 +16,7 @@ from safetensors.torch import save_file
 
 from apr_cli.errors import AprError
 from apr_cli.model.config import PRESETS, ModelConfig
+from apr_cli.model.gguf import find_gguf, load_gguf
 from apr_cli.model.qwen2 import Qwen2ForCausalLM, build_model, count_parameters
 
 CONFIG = "config.json"
@@ -44,15 +45,20 @@ def load_model(
     device: str | torch.device = "cpu",
     seed: int = 0,
 ) -> tuple[Qwen2ForCausalLM, dict[str, Any]]:
-    """A model from a local folder, a preset name or a cached hub id, and its description."""
+    """A model from a local folder, a GGUF file (or a folder holding one), a preset name or a
+    cached hub id, and its description."""
     path = Path(spec).expanduser()
+    gguf_file = find_gguf(path)
+    if gguf_file is not None:
+        model = load_gguf(gguf_file, dtype=dtype, device=device)
+        return model, describe(model, spec, "gguf", gguf_file)
     if path.is_dir():
         kind, folder = "local", path
     elif spec in PRESETS:
         model = build_model(PRESETS[spec], seed).to(device=device, dtype=dtype or torch.float32)
         return model, describe(model, spec, "preset", None)
     elif path.exists():
-        raise AprError(f"model {spec}: is a file; pass the folder holding {CONFIG}")
+        raise AprError(f"model {spec}: is a file; pass a .gguf file or the folder holding {CONFIG}")
     elif HUB_ID.match(spec):
         kind, folder = "hub", hub_snapshot(spec)
     else:
