@@ -69,12 +69,21 @@ class SparseMoE(nn.Module):
     def forward(self, x: torch.Tensor, router: RouterStats | None = None) -> torch.Tensor:
         B, T, C = x.shape
         x = x.reshape(-1, C)  # (N, C)
-        probs = F.softmax(self.gate(x), dim=-1, dtype=torch.float32)  # (N, E)
-        weights, chosen = probs.topk(self.top_k, dim=-1)  # (N, k)
-        if self.norm_topk_prob:
-            weights = weights / weights.sum(dim=-1, keepdim=True)
+        probs, weights, chosen = self.route(x)
         if router is not None:
             router.add(probs, chosen)
+        return self.run_experts(x, weights, chosen).view(B, T, C)
+
+    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Router probabilities (N, E) in fp32; each token's top-k weights and experts (N, k)."""
+        probs = F.softmax(self.gate(x), dim=-1, dtype=torch.float32)
+        weights, chosen = probs.topk(self.top_k, dim=-1)
+        if self.norm_topk_prob:
+            weights = weights / weights.sum(dim=-1, keepdim=True)
+        return probs, weights, chosen
+
+    def run_experts(self, x: torch.Tensor, weights: torch.Tensor, chosen: torch.Tensor):
+        """The weighted sum of each token's experts' outputs (N, C)."""
         flat = chosen.flatten()  # (N*k,) the expert of each (token, slot) pair
         order = flat.argsort(stable=True)  # pairs grouped by expert
         counts = flat.bincount(minlength=len(self.experts)).tolist()
@@ -82,4 +91,4 @@ class SparseMoE(nn.Module):
         groups = x[tokens].split(counts)  # one (n_e, C) matrix per expert
         y = torch.cat([self.experts[e](g) for e, g in enumerate(groups) if counts[e]])
         y = y * weights.flatten()[order, None].to(x.dtype)  # (N*k, C)
-        return torch.zeros_like(x).index_add_(0, tokens, y).view(B, T, C)
+        return torch.zeros_like(x).index_add_(0, tokens, y)
