@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from apr_cli.errors import AprError
-from apr_cli.model.checkpoint import load_model, save_model
+from apr_cli.model.checkpoint import init_student_from_teacher, load_model, save_model
 from apr_cli.model.config import PRESETS, ModelConfig
 from apr_cli.model.generate import generate
 from apr_cli.model.mlp import MLP, RouterStats, SparseMoE
@@ -195,3 +195,14 @@ def test_moe_config_needs_its_fields_and_reads_num_local_experts():
         ModelConfig.from_hf(hf, source="c.json")
     with pytest.raises(AprError, match="num_experts_per_tok 9 must be in 1..num_experts 8"):
         ModelConfig.from_name("tiny-qwen3-moe").with_(num_experts_per_tok=9)
+
+
+def test_student_from_moe_teacher_layers_keeps_each_layer_kind():
+    teacher = build_model(PRESETS["tiny-qwen3-moe"], seed=2)  # layer 1 dense, 0 and 2 sparse
+    student = init_student_from_teacher(teacher, [1, 2])
+    assert [type(b.mlp) for b in student.model.layers] == [MLP, SparseMoE]
+    assert student.config.mlp_only_layers == (0,)
+    whole = init_student_from_teacher(teacher, [0, 1, 2])
+    x = ids()
+    with torch.no_grad():
+        assert torch.equal(whole(x), teacher(x))

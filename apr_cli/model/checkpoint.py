@@ -308,7 +308,11 @@ def check_layers(layers: list[int], num_layers: int, source: str) -> None:
 def init_student_from_teacher(teacher: Qwen2ForCausalLM, layers: list[int]) -> Qwen2ForCausalLM:
     """A student that keeps `layers` of the teacher and copies its embeddings, norm and head."""
     check_layers(layers, teacher.config.num_hidden_layers, "teacher-layers")
-    cfg = teacher.config.with_(num_hidden_layers=len(layers))
+    t = teacher.config
+    # Each kept layer stays dense or sparse as it was: the student lists its dense layers.
+    dense = tuple(i for i, layer in enumerate(layers) if not t.is_sparse(layer))
+    sparse_layout = {"decoder_sparse_step": 1, "mlp_only_layers": dense} if t.arch.moe else {}
+    cfg = t.with_(num_hidden_layers=len(layers), **sparse_layout)
     src = teacher.state_dict()
     state = {}
     for name in src:
