@@ -149,7 +149,8 @@ def test_aux_loss_has_gradient_to_the_router():
 
 
 def test_only_experts_with_tokens_run():
-    """Tokens routed to two experts: the other experts' forward is never called."""
+    """Tokens routed to two experts: at inference the other experts' forward is never called;
+    in training they run on zero rows, so each has a zero gradient (DDP and FSDP2 need one)."""
     model = build_model(PRESETS["tiny-qwen3-moe"], seed=1)
     moe = model.model.layers[0].mlp
     with torch.no_grad():
@@ -160,8 +161,13 @@ def test_only_experts_with_tokens_run():
     for e, expert in enumerate(moe.experts):
         expert.register_forward_hook(lambda m, i, o, e=e: calls.append((e, i[0].shape[0])))
     x = torch.randn(2, 7, 128).abs()  # positive, so expert 3 > 5 > the rest for every token
-    moe(x)
+    with torch.no_grad():
+        moe(x)
     assert sorted(calls) == [(3, 14), (5, 14)]
+    moe(x).sum().backward()
+    grads = [expert.up_proj.weight.grad for expert in moe.experts]
+    assert all(g is not None for g in grads)
+    assert [e for e, g in enumerate(grads) if g.abs().sum() > 0] == [3, 5]
 
 
 @pytest.mark.parametrize("preset", ["tiny-qwen3", "tiny-qwen3-moe"])

@@ -89,6 +89,9 @@ class SparseMoE(nn.Module):
         counts = flat.bincount(minlength=len(self.experts)).tolist()
         tokens = order // self.top_k  # (N*k,) the token of each grouped pair
         groups = x[tokens].split(counts)  # one (n_e, C) matrix per expert
-        y = torch.cat([self.experts[e](g) for e, g in enumerate(groups) if counts[e]])
+        # Training also runs idle experts, on zero rows (no arithmetic): each then has a zero
+        # gradient on every rank, as DDP and FSDP2's collectives expect. Inference skips them.
+        run_idle = torch.is_grad_enabled()
+        y = torch.cat([self.experts[e](g) for e, g in enumerate(groups) if counts[e] or run_idle])
         y = y * weights.flatten()[order, None].to(x.dtype)  # (N*k, C)
         return torch.zeros_like(x).index_add_(0, tokens, y)
