@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -233,3 +234,24 @@ def test_not_a_gguf_file_is_one_line(tmp_path):
     path.write_bytes(b"not gguf at all")
     with pytest.raises(AprError, match="not a readable GGUF file"):
         load_model(str(path))
+
+
+@pytest.mark.slow
+def test_gguf_teacher_distills_a_student(tmp_path):
+    from typer.testing import CliRunner
+
+    from apr_cli.cli import app
+
+    teacher = random_model(CONFIGS["qwen3moe"].with_(vocab_size=512))
+    path = write_gguf(tmp_path / "teacher.gguf", teacher, matrix_quant(Q.Q8_0))
+    out = tmp_path / "run"
+    args = ["distill", "--teacher", path, "--student", "tiny-student", "--steps", 4, "--seq-len",
+            16, "--batch-size", 4, "--out", out]  # fmt: skip
+    r = CliRunner().invoke(app, [str(a) for a in args])
+    assert r.exit_code == 0, r.output
+    manifest = json.loads((out / "dispatch.json").read_text())
+    assert manifest["status"] == "completed"
+    assert manifest["teacher"]["kind"] == "gguf"
+    assert manifest["teacher"]["config"]["architecture"] == "Qwen3MoeForCausalLM"
+    kd = [json.loads(line)["kd_loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len(kd) == 4 and all(k > 0 for k in kd)
