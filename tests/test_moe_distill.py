@@ -12,7 +12,8 @@ import torch
 from typer.testing import CliRunner
 
 from apr_cli.cli import app
-from apr_cli.model.checkpoint import load_model
+from apr_cli.errors import AprError
+from apr_cli.model.checkpoint import load_model, save_model
 from apr_cli.model.mlp import SparseMoE
 
 FAST = ["--seq-len", "16", "--batch-size", "4", "--teacher-warmup", "3"]
@@ -43,6 +44,26 @@ def test_plan_names_every_architecture(tmp_path):
     assert plan["teacher"]["config"]["architecture"] == "Qwen3MoeForCausalLM"
     assert plan["student"]["config"]["architecture"] == "Qwen3ForCausalLM"
     assert plan["memory_estimate_bytes"]["total"] > 0
+
+
+def test_plan_of_a_30b_moe_teacher_reads_no_weights(tmp_path):
+    """The plan builds the models on the meta device: 30.5B parameters cost no memory."""
+    r = apr("distill", "--teacher", "qwen3-30b-a3b", "--student", "qwen3-0.6b", "--plan", "--json")
+    assert r.exit_code == 0, r.output
+    plan = json.loads(r.stdout)
+    assert 30.4e9 < plan["teacher"]["parameters"] < 30.6e9
+    assert plan["memory_estimate_bytes"]["teacher_weights"] == plan["teacher"]["parameters"] * 4
+
+
+def test_meta_load_checks_a_folder_without_reading_weights(tmp_path):
+    model, _ = load_model("tiny-qwen3-moe")
+    save_model(model, tmp_path / "m")
+    meta, info = load_model(str(tmp_path / "m"), device="meta")
+    assert all(p.is_meta for p in meta.parameters())
+    assert info["parameters"] == sum(p.numel() for p in model.parameters())
+    (tmp_path / "m" / "model.safetensors").write_bytes(b"truncated")
+    with pytest.raises(AprError, match="not a readable safetensors file"):
+        load_model(str(tmp_path / "m"), device="meta")
 
 
 @pytest.mark.slow

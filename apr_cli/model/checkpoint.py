@@ -46,7 +46,10 @@ def load_model(
     seed: int = 0,
 ) -> tuple[Qwen2ForCausalLM, dict[str, Any]]:
     """A model from a local folder, a GGUF file (or a folder holding one), a preset name or a
-    cached hub id, and its description."""
+    cached hub id, and its description.
+
+    On the `meta` device every check runs but no weight is read or made: shapes for a plan.
+    """
     path = Path(spec).expanduser()
     gguf_file = find_gguf(path)
     if gguf_file is not None:
@@ -55,7 +58,11 @@ def load_model(
     if path.is_dir():
         kind, folder = "local", path
     elif spec in PRESETS:
-        model = build_model(PRESETS[spec], seed).to(device=device, dtype=dtype or torch.float32)
+        if torch.device(device).type == "meta":
+            with torch.device("meta"):
+                model = Qwen2ForCausalLM(PRESETS[spec]).to(dtype or torch.float32)
+        else:
+            model = build_model(PRESETS[spec], seed).to(device=device, dtype=dtype or torch.float32)
         return model, describe(model, spec, "preset", None)
     elif path.exists():
         raise AprError(f"model {spec}: is a file; pass a .gguf file or the folder holding {CONFIG}")
@@ -200,9 +207,11 @@ def load_checkpoint(
             raise AprError(f"{folder}: weights are {file_dtype}; pass a float dtype to load them")
         dtype = SAFETENSORS_DTYPES[file_dtype]
 
+    device = torch.device(device)
+    if device.type == "meta":
+        return model.to(dtype)
     # Tensor by tensor, straight into the target dtype and device: the only full copy in memory
     # is the model itself.
-    device = torch.device(device)
     state: dict[str, torch.Tensor] = {}
     by_file: dict[Path, list[str]] = {}
     for name in expected:

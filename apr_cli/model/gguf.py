@@ -191,6 +191,8 @@ def load_gguf(
         by_tensor.setdefault(g, []).append((name, expert))
 
     dtype = dtype or torch.float32
+    if torch.device(device).type == "meta":  # checked; shapes only
+        return model.to(dtype)
     state: dict[str, torch.Tensor] = {}
     for g, targets in by_tensor.items():
         t = tensors[g]
