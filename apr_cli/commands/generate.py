@@ -32,7 +32,9 @@ def parse_ids(value: str) -> list[int]:
 def generate(
     model: Annotated[
         str,
-        typer.Argument(help="A model folder (HF layout), a preset name, or a cached hub id."),
+        typer.Argument(
+            help="A model folder (HF layout), a .gguf file, a preset name, or a cached hub id."
+        ),
     ],
     prompt_ids: Annotated[
         str | None,
