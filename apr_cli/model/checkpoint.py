@@ -65,7 +65,9 @@ def load_model(
             model = build_model(PRESETS[spec], seed).to(device=device, dtype=dtype or torch.float32)
         return model, describe(model, spec, "preset", None)
     elif path.exists():
-        raise AprError(f"model {spec}: is a file; pass a .gguf file or the folder holding {CONFIG}")
+        raise AprError(
+            f"model {spec}: is a file; pass the folder holding {CONFIG}, or a .gguf file"
+        )
     elif HUB_ID.match(spec):
         kind, folder = "hub", hub_snapshot(spec)
     else:
