@@ -48,15 +48,16 @@ def distill(
     teacher: Annotated[
         str,
         typer.Option(
-            help="Teacher: a local Hugging Face folder, a hub id in the local cache, or a preset.",
+            help="Teacher: a local Hugging Face folder, a .gguf file, a hub id in the local "
+            "cache, or a preset (Qwen2, Qwen3 or Qwen3-MoE).",
             rich_help_panel=MODELS,
         ),
     ] = DEFAULT_TEACHER,
     student: Annotated[
         str,
         typer.Option(
-            help="Student: a local Hugging Face folder, a hub id in the local cache, or a preset "
-            "(freshly initialised from --seed).",
+            help="Student: a local Hugging Face folder, a .gguf file, a hub id in the local cache, "
+            "or a preset (freshly initialised from --seed).",
             rich_help_panel=MODELS,
         ),
     ] = DEFAULT_STUDENT,

@@ -41,8 +41,9 @@ def train(
     model: Annotated[
         str,
         typer.Option(
-            help="Model to train: a local Hugging Face folder, a hub id in the local cache, or a "
-            "preset (freshly initialised from --seed). Saved as RUN/student-trained.apr.",
+            help="Model to train: a local Hugging Face folder, a .gguf file, a hub id in the "
+            "local cache, or a preset (freshly initialised from --seed). Saved as "
+            "RUN/student-trained.apr.",
             rich_help_panel=MODELS,
         ),
     ] = DEFAULT_STUDENT,

@@ -53,7 +53,7 @@ def run_training(
                 flags.resume, options, defaults, emit=emit
             )
         else:
-            prepared = prepare(options)
+            prepared = prepare(options, plan_only=flags.plan_only)
             if flags.plan_only:
                 render_plan(plan(prepared), flags.json_output, lines)
                 return

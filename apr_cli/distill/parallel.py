@@ -21,6 +21,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from apr_cli.distill.backend import Backend
 from apr_cli.distill.losses import distill_loss
+from apr_cli.model.mlp import RouterStats
 
 FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
 
@@ -45,16 +46,23 @@ class StudentLoss(nn.Module):
         teacher_weight: torch.Tensor | None,
         loss_options: dict[str, Any],
     ) -> torch.Tensor:
-        """(3,) tensor: loss, kd, ce."""
+        """(4,) tensor: loss, kd, ce, and the router's load-balancing loss (0 when dense).
+
+        A Qwen3-MoE student's loss includes router_aux_loss_coef times the load-balancing loss,
+        as transformers trains it, so its experts keep receiving tokens.
+        """
+        router = RouterStats()
         parts = distill_loss(
-            self.hidden(inputs),  # (B, T, C)
+            self.hidden(inputs, router=router),  # (B, T, C)
             self.student.output_weight,
             teacher_hidden,
             teacher_weight,
             labels,
             **loss_options,
         )
-        return torch.stack([parts.loss, parts.kd, parts.ce])
+        aux = router.loss().to(parts.loss.device)
+        loss = parts.loss + self.student.config.router_aux_loss_coef * aux
+        return torch.stack([loss, parts.kd, parts.ce, aux.detach()])
 
 
 def wrap(module: StudentLoss, backend: Backend, parallel: str) -> nn.Module:

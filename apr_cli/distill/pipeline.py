@@ -32,6 +32,7 @@ class StepMetrics:
     grad_norm: float
     tokens_per_s: float
     sec_per_step: float
+    aux_loss: float | None = None  # the router's load-balancing loss, for a Qwen3-MoE student
 
 
 @dataclass(frozen=True)
@@ -186,7 +187,7 @@ class Pipeline:
         local = torch.tensor([float(sum(counts))], device=device)
         total = max(1.0, parallel_lib.all_reduce_sum(local, self.backend).item())
         self.optimizer.zero_grad(set_to_none=True)
-        sums = torch.zeros(3, device=device)
+        sums = torch.zeros(4, device=device)
         teacher_weight = None if self.teacher is None else self.teacher.output_weight
         for i, (inputs, labels) in enumerate(batches):
             inputs, labels = inputs.to(device), labels.to(device)
@@ -203,7 +204,7 @@ class Pipeline:
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
         if hasattr(grad_norm, "full_tensor"):  # a DTensor under FSDP2
             grad_norm = grad_norm.full_tensor()
-        loss, kd, ce = sums.tolist()
+        loss, kd, ce, aux = sums.tolist()
         self.step += 1
         if not math.isfinite(loss):
             raise TrainingDiverged(self.step, loss)
@@ -221,6 +222,7 @@ class Pipeline:
             grad_norm=float(grad_norm),
             tokens_per_s=cfg.batch_size * cfg.seq_len / elapsed,
             sec_per_step=elapsed,
+            aux_loss=aux if self.student.config.arch.moe else None,
         )
 
     def teacher_hidden(self, inputs: torch.Tensor) -> torch.Tensor | None:

@@ -66,17 +66,22 @@ def set_threads(requested: int) -> None:
         torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // ranks_here))
 
 
-def prepare(options: DistillOptions) -> Prepared:
-    """Resolve and check everything a run needs, failing before any file is written."""
+def prepare(options: DistillOptions, plan_only: bool = False) -> Prepared:
+    """Resolve and check everything a run needs, failing before any file is written.
+
+    `plan_only` checks the models but builds them on the meta device: a plan for a 30B teacher
+    reads no weights and needs no memory for them.
+    """
     options.validate()
     set_threads(options.threads)
     cfg = options.train
     backend = select_backend(options.device, options.dtype)
     seed_everything(cfg.seed)
+    device = torch.device("meta") if plan_only else backend.device
     teacher, teacher_info = None, None
     if options.teacher is not None:
         teacher, teacher_info = load_model(
-            options.teacher, dtype=backend.teacher_dtype, device=backend.device, seed=cfg.seed + 1
+            options.teacher, dtype=backend.teacher_dtype, device=device, seed=cfg.seed + 1
         )
     if options.student_init is not None:
         if teacher is None:
@@ -95,7 +100,7 @@ def prepare(options: DistillOptions) -> Prepared:
     else:
         # Student weights stay fp32: they are the optimizer's master copy.
         student, student_info = load_model(
-            options.student, dtype=torch.float32, device=backend.device, seed=cfg.seed
+            options.student, dtype=torch.float32, device=device, seed=cfg.seed
         )
     models = [m for m in (teacher, student) if m is not None]
     vocab = (
@@ -138,7 +143,7 @@ def same_model(a: Qwen2ForCausalLM, b: Qwen2ForCausalLM, a_info: dict, b_info: d
     """Same checkpoint folder, or the same shapes holding the same weights."""
     if a_info.get("path") and a_info.get("path") == b_info.get("path") and "layers" not in b_info:
         return True
-    if a.config.with_(torch_dtype="") != b.config.with_(torch_dtype=""):
+    if a.config.with_(torch_dtype="") != b.config.with_(torch_dtype="") or a.output_weight.is_meta:
         return False
     b_state = b.state_dict()
     return all(torch.equal(t.float(), b_state[name].float()) for name, t in a.state_dict().items())

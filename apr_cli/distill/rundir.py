@@ -63,8 +63,9 @@ def format_step(m: StepMetrics, with_teacher: bool = True) -> str:
     width = len(str(m.steps))
     terms = f" kd={m.kd_loss:.4f} ce={m.ce_loss:.4f}" if with_teacher else ""
     return (
-        f"step {m.step:>{width}}/{m.steps} loss={m.loss:.4f}{terms} lr={m.lr:.2e} "
-        f"tok/s={m.tokens_per_s:.0f} sec/step={m.sec_per_step:.3f}"
+        f"step {m.step:>{width}}/{m.steps} loss={m.loss:.4f}{terms} "
+        f"{'' if m.aux_loss is None else f'aux={m.aux_loss:.4f} '}"
+        f"lr={m.lr:.2e} tok/s={m.tokens_per_s:.0f} sec/step={m.sec_per_step:.3f}"
     )
 
 
@@ -167,6 +168,8 @@ class RunDirectory:
             return
         record = asdict(metrics)
         record.pop("steps")
+        if record["aux_loss"] is None:  # a dense student has no router
+            record.pop("aux_loss")
         with open(self.path / METRICS, "a") as f:
             f.write(json.dumps(record) + "\n")
 

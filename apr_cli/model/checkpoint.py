@@ -17,6 +17,7 @@ from safetensors.torch import save_file
 from apr_cli.errors import AprError
 from apr_cli.fsutil import follow_umask
 from apr_cli.model.config import PRESETS, ModelConfig
+from apr_cli.model.gguf import find_gguf, load_gguf
 from apr_cli.model.qwen2 import Qwen2ForCausalLM, build_model, count_parameters
 
 CONFIG = "config.json"
@@ -45,15 +46,29 @@ def load_model(
     device: str | torch.device = "cpu",
     seed: int = 0,
 ) -> tuple[Qwen2ForCausalLM, dict[str, Any]]:
-    """A model from a local folder, a preset name or a cached hub id, and its description."""
+    """A model from a local folder, a GGUF file (or a folder holding one), a preset name or a
+    cached hub id, and its description.
+
+    On the `meta` device every check runs but no weight is read or made: shapes for a plan.
+    """
     path = Path(spec).expanduser()
+    gguf_file = find_gguf(path)
+    if gguf_file is not None:
+        model = load_gguf(gguf_file, dtype=dtype, device=device)
+        return model, describe(model, spec, "gguf", gguf_file)
     if path.is_dir():
         kind, folder = "local", path
     elif spec in PRESETS:
-        model = build_model(PRESETS[spec], seed).to(device=device, dtype=dtype or torch.float32)
+        if torch.device(device).type == "meta":
+            with torch.device("meta"):
+                model = Qwen2ForCausalLM(PRESETS[spec]).to(dtype or torch.float32)
+        else:
+            model = build_model(PRESETS[spec], seed).to(device=device, dtype=dtype or torch.float32)
         return model, describe(model, spec, "preset", None)
     elif path.exists():
-        raise AprError(f"model {spec}: is a file; pass the folder holding {CONFIG}")
+        raise AprError(
+            f"model {spec}: is a file; pass the folder holding {CONFIG}, or a .gguf file"
+        )
     elif HUB_ID.match(spec):
         kind, folder = "hub", hub_snapshot(spec)
     else:
@@ -195,9 +210,11 @@ def load_checkpoint(
             raise AprError(f"{folder}: weights are {file_dtype}; pass a float dtype to load them")
         dtype = SAFETENSORS_DTYPES[file_dtype]
 
+    device = torch.device(device)
+    if device.type == "meta":
+        return model.to(dtype)
     # Tensor by tensor, straight into the target dtype and device: the only full copy in memory
     # is the model itself.
-    device = torch.device(device)
     state: dict[str, torch.Tensor] = {}
     by_file: dict[Path, list[str]] = {}
     for name in expected:
@@ -304,7 +321,11 @@ def check_layers(layers: list[int], num_layers: int, source: str) -> None:
 def init_student_from_teacher(teacher: Qwen2ForCausalLM, layers: list[int]) -> Qwen2ForCausalLM:
     """A student that keeps `layers` of the teacher and copies its embeddings, norm and head."""
     check_layers(layers, teacher.config.num_hidden_layers, "teacher-layers")
-    cfg = teacher.config.with_(num_hidden_layers=len(layers))
+    t = teacher.config
+    # Each kept layer stays dense or sparse as it was: the student lists its dense layers.
+    dense = tuple(i for i, layer in enumerate(layers) if not t.is_sparse(layer))
+    sparse_layout = {"decoder_sparse_step": 1, "mlp_only_layers": dense} if t.arch.moe else {}
+    cfg = t.with_(num_hidden_layers=len(layers), **sparse_layout)
     src = teacher.state_dict()
     state = {}
     for name in src:
