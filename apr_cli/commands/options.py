@@ -69,8 +69,8 @@ Device = Annotated[str, typer.Option(help=DEVICE_HELP, rich_help_panel=TRAINING)
 Dtype = Annotated[
     str,
     typer.Option(
-        help="Matmul precision: auto (bf16 on CUDA and on CPUs with AMX bf16 units, else fp32), "
-        "bf16 or fp32. The loss, master weights and optimizer state stay fp32.",
+        help="Matmul precision: auto (bf16 on CUDA, fp32 on the CPU), bf16 or fp32. "
+        "The loss, master weights and optimizer state stay fp32.",
         rich_help_panel=TRAINING,
     ),
 ]
