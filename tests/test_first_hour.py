@@ -304,12 +304,3 @@ def test_help_shows_the_defaults_that_depend_on_something():
 def test_eval_device_is_not_a_training_option():
     text = CliRunner().invoke(app, ["eval", "--help"], env={"COLUMNS": "200"}).stdout
     assert "Training" not in text and "--device" in text.split("Runtime")[1]
-
-
-def test_eval_says_what_it_is_scoring_before_it_starts(tmp_path):
-    (np.arange(400, dtype="<u4") % 512).astype("<u4").tofile(tmp_path / "a.bin")
-    args = ["eval", "tiny-student", "--dataset", str(tmp_path), "--seq-len", "8", "--windows", "4"]
-    result = CliRunner().invoke(app, [*args, "--json"])
-    assert result.exit_code == 0, result.output
-    assert result.stderr.startswith(f"eval: scoring 4 windows of 8 tokens of {tmp_path}")
-    assert json.loads(result.stdout)["windows"] == 4

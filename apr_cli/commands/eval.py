@@ -10,7 +10,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from apr_cli.commands.common import stderr, user_errors
+from apr_cli.commands.common import user_errors
 from apr_cli.commands.options import DATA, DEVICE_HELP, OUTPUT, RUNTIME, SeqLen, flag
 from apr_cli.distill.options import DEFAULT_WINDOWS, TrainConfig
 
@@ -55,11 +55,6 @@ def eval_model(
     """Mean next-token loss (nats per token) and perplexity over fixed, deterministic windows."""
     from apr_cli.distill.evaluate import evaluate_model  # torch: only when the command runs
 
-    scope = "every window" if windows == 0 else f"{windows} windows"
-    # A start line on stderr (stdout may be JSON): scoring every window can take minutes.
-    stderr.print(
-        f"eval: scoring {scope} of {seq_len} tokens of {dataset} with {model}", markup=False
-    )
     with user_errors():
         report = evaluate_model(
             model,

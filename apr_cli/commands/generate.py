@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from apr_cli.commands.common import stderr, user_errors
+from apr_cli.commands.common import user_errors
 from apr_cli.commands.options import RUNTIME, flag
 from apr_cli.errors import AprError
 
@@ -132,10 +132,6 @@ def generate(
         else:
             ids = parse_ids(prompt_ids)
         gen = torch.Generator(device=dev).manual_seed(seed)
-        if compile_model:
-            stderr.print(
-                "generate: compiling the forward passes (the first call waits)", markup=False
-            )
         new = generate_tokens(
             net,
             torch.tensor([ids], device=dev),
