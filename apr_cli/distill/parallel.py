@@ -21,6 +21,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from apr_cli.distill.backend import Backend
 from apr_cli.distill.losses import distill_loss
+from apr_cli.distill.topk_loss import TopKTeacher, topk_distill_loss
 
 FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
 
@@ -41,19 +42,18 @@ class StudentLoss(nn.Module):
         self,
         inputs: torch.Tensor,
         labels: torch.Tensor,
-        teacher_hidden: torch.Tensor | None,
+        teacher: torch.Tensor | TopKTeacher | None,
         teacher_weight: torch.Tensor | None,
         loss_options: dict[str, Any],
     ) -> torch.Tensor:
-        """(3,) tensor: loss, kd, ce."""
-        parts = distill_loss(
-            self.hidden(inputs),  # (B, T, C)
-            self.student.output_weight,
-            teacher_hidden,
-            teacher_weight,
-            labels,
-            **loss_options,
-        )
+        """(3,) tensor: loss, kd, ce. `teacher`: final hidden states (B, T, C_t) projected by
+        `teacher_weight`, or a top-k cache's outputs."""
+        hidden = self.hidden(inputs)  # (B, T, C)
+        weight = self.student.output_weight
+        if isinstance(teacher, TopKTeacher):
+            parts = topk_distill_loss(hidden, weight, teacher, labels, **loss_options)
+        else:
+            parts = distill_loss(hidden, weight, teacher, teacher_weight, labels, **loss_options)
         return torch.stack([parts.loss, parts.kd, parts.ce])
 
 

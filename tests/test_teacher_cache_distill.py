@@ -1,0 +1,102 @@
+"""Distilling from a teacher cache: the same run as online (exact kind), and what it refuses."""
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from apr_cli.cli import app
+from apr_cli.data.shards import ShardBatchSource, write_shard
+from apr_cli.distill.backend import select_backend
+from apr_cli.distill.losses import distill_loss
+from apr_cli.distill.pipeline import Pipeline, TrainConfig
+from apr_cli.distill.topk_loss import topk_distill_loss
+from apr_cli.model.checkpoint import load_model, save_model
+from apr_cli.model.config import PRESETS
+from apr_cli.model.qwen2 import build_model
+from apr_cli.teacher_cache.reader import TeacherCache
+
+SEQ_LEN = 16
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory):
+    """A saved tiny teacher, a dataset of 124 windows at SEQ_LEN, and caches of every kind."""
+    root = tmp_path_factory.mktemp("inputs")
+    rng = np.random.default_rng(0)
+    (root / "data").mkdir()
+    write_shard(root / "data" / "a.bin", rng.integers(0, 512, 2000))
+    save_model(build_model(PRESETS["tiny-teacher"], seed=1), root / "teacher")
+    for name, extra in {
+        "f32": ["--cache-dtype", "float32"],
+        "bf16": [],
+        "topk": ["--kind", "topk", "--temperature", "2"],
+    }.items():
+        args = ["teacher-cache", "build", "--teacher", str(root / "teacher"), "--dataset",
+                str(root / "data"), "--seq-len", str(SEQ_LEN), "--out", str(root / name),
+                "--device", "cpu", "--shard-windows", "40", *extra]  # fmt: skip
+        result = CliRunner().invoke(app, args)
+        assert result.exit_code == 0, result.output
+    return root
+
+
+def train(inputs, cache=None, steps=6, **config):
+    """Losses per step and final student weights of a seeded pipeline run (shuffled windows)."""
+    cfg = TrainConfig(steps=steps, batch_size=8, seq_len=SEQ_LEN, grad_accum=2, lr=3e-3, **config)
+    torch.manual_seed(0)
+    student = build_model(PRESETS["tiny-student"], seed=0)
+    teacher = None if cache else load_model(str(inputs / "teacher"))[0]
+    source = ShardBatchSource(inputs / "data", shuffle=True, seed=5)
+    teacher_cache = TeacherCache(inputs / cache) if cache else None
+    pipeline = Pipeline(
+        student, teacher, cfg, source, select_backend("cpu"), teacher_cache=teacher_cache
+    )
+    pipeline.train()
+    return pipeline.losses, pipeline.student_state()
+
+
+@pytest.fixture(scope="module")
+def online(inputs):
+    return train(inputs)
+
+
+def test_float32_hidden_cache_gives_the_online_run(inputs, online):
+    losses, weights = train(inputs, "f32")
+    want_losses, want_weights = online
+    np.testing.assert_allclose(losses, want_losses, rtol=1e-6, atol=0)
+    for name, tensor in weights.items():
+        torch.testing.assert_close(tensor, want_weights[name], rtol=1e-5, atol=1e-5)
+
+
+def test_bf16_hidden_cache_stays_close_to_the_online_run(inputs, online):
+    losses, _ = train(inputs, "bf16")
+    np.testing.assert_allclose(losses, online[0], rtol=1e-2)
+    assert losses != online[0]  # bf16 storage rounds: close, not equal
+
+
+def test_topk_cache_trains_the_student(inputs):
+    losses, _ = train(inputs, "topk", steps=20, temperature=2.0)
+    assert np.isfinite(losses).all()
+    assert np.mean(losses[-5:]) < 0.97 * np.mean(losses[:5])
+
+
+def test_topk_kd_is_a_lower_bound_of_the_full_kd(inputs):
+    """Merging tokens into one bin can only lower a KL; CE is unchanged."""
+    teacher = load_model(str(inputs / "teacher"))[0]
+    student = build_model(PRESETS["tiny-student"], seed=0)
+    source = ShardBatchSource(inputs / "data")
+    windows = source.batch_windows(4, SEQ_LEN)
+    inputs_, labels = source.next_batch(4, SEQ_LEN)
+    options = {"temperature": 2.0, "alpha": 0.5}
+    with torch.no_grad():
+        hidden = student.hidden_states(inputs_)
+        full = distill_loss(
+            hidden, student.output_weight, teacher.hidden_states(inputs_), teacher.output_weight,
+            labels, **options,
+        )  # fmt: skip
+        top = topk_distill_loss(
+            hidden, student.output_weight, TeacherCache(inputs / "topk").read(windows), labels,
+            **options,
+        )  # fmt: skip
+    torch.testing.assert_close(top.ce, full.ce)
+    assert 0 < top.kd <= full.kd
