@@ -1,5 +1,8 @@
 """Distilling from a teacher cache: the same run as online (exact kind), and what it refuses."""
 
+import json
+import shutil
+
 import numpy as np
 import pytest
 import torch
@@ -100,3 +103,90 @@ def test_topk_kd_is_a_lower_bound_of_the_full_kd(inputs):
         )  # fmt: skip
     torch.testing.assert_close(top.ce, full.ce)
     assert 0 < top.kd <= full.kd
+
+
+# ---- apr distill --teacher-cache ----
+
+
+def distill(inputs, tmp_path, cache, *extra):
+    args = ["distill", "--teacher-cache", str(inputs / cache), "--dataset", str(inputs / "data"),
+            "--seq-len", str(SEQ_LEN), "--batch-size", "4", "--steps", "3", "--device", "cpu",
+            "--out", str(tmp_path / "run"), *map(str, extra)]  # fmt: skip
+    return CliRunner().invoke(app, args)
+
+
+def test_distill_from_a_cache_records_it_in_the_manifest(inputs, tmp_path):
+    result = distill(inputs, tmp_path, "topk", "--temperature", "2", "--shuffle")
+    assert result.exit_code == 0, result.output
+    assert "Distillation complete" in result.output
+    manifest = json.loads((tmp_path / "run" / "dispatch.json").read_text())
+    teacher = manifest["teacher"]
+    assert teacher["kind"] == "teacher-cache (topk)" and "files" in teacher["fingerprint"]
+    assert teacher["cache"]["dataset"]["fingerprint"]["files"] == [["a.bin", 8000]]
+    assert (tmp_path / "run" / "student-trained.apr" / "model.safetensors").is_file()
+    resumed = CliRunner().invoke(
+        app, ["distill", "--resume", str(tmp_path / "run"), "--steps", "5"]
+    )
+    assert resumed.exit_code == 0, resumed.output
+    assert "step 5/5" in resumed.output
+
+
+def test_plan_with_a_cache_counts_its_output_weight(inputs, tmp_path):
+    result = distill(inputs, tmp_path, "f32", "--plan", "--json")
+    assert result.exit_code == 0, result.output
+    plan = json.loads(result.output)
+    assert plan["memory_estimate_bytes"]["teacher_weights"] == 512 * 256 * 4
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.fixture(scope="module")
+def other_inputs(inputs, tmp_path_factory):
+    """Another dataset, a cache of 20 windows only, and a student whose vocab cannot align."""
+    root = tmp_path_factory.mktemp("other")
+    (root / "data").mkdir()
+    write_shard(root / "data" / "a.bin", np.arange(2000) % 512)
+    save_model(build_model(PRESETS["tiny-student"].with_(vocab_size=2048), seed=0), root / "wide")
+    args = ["teacher-cache", "build", "--teacher", str(inputs / "teacher"), "--dataset",
+            str(inputs / "data"), "--seq-len", str(SEQ_LEN), "--out", str(root / "part"),
+            "--device", "cpu", "--windows", "0:20"]  # fmt: skip
+    assert CliRunner().invoke(app, args).exit_code == 0
+    return root
+
+
+@pytest.mark.parametrize(
+    ("cache", "extra", "needle"),
+    [
+        ("f32", ["--dataset", "{other}/data"], "was built for another dataset"),
+        ("f32", ["--seq-len", "8"], "--seq-len 8: --teacher-cache"),
+        ("f32", ["--student", "{other}/wide"], "cannot be aligned"),
+        ("topk", ["--temperature", "3"], "holds log-probs at temperature 2.0"),
+        ("{other}/part", ["--steps", "6"], "covers windows 0..19 of the dataset at seq_len 16; "
+                                          "this run reads windows 0..23"),
+        ("f32", ["--teacher", "tiny-teacher"], "--teacher and --teacher-cache: pass one"),
+        ("f32", ["--teacher-warmup", "3"], "--teacher-warmup needs a teacher model"),
+    ],
+)  # fmt: skip
+def test_distill_refuses_a_cache_that_does_not_fit(
+    inputs, other_inputs, tmp_path, cache, extra, needle
+):
+    extra = [x.replace("{other}", str(other_inputs)) for x in extra]
+    cache = cache.replace("{other}", str(other_inputs))
+    args = ["distill", "--teacher-cache", str(inputs / cache) if "/" not in cache else cache,
+            "--dataset", str(inputs / "data"), "--seq-len", str(SEQ_LEN), "--batch-size", "4",
+            "--steps", "3", "--device", "cpu", "--out", str(tmp_path / "run"), *extra]  # fmt: skip
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 2, result.output
+    assert needle in result.output and "Traceback" not in result.output
+    assert len(result.output.strip().splitlines()) == 1
+    assert not (tmp_path / "run").exists()
+
+
+def test_distill_refuses_a_damaged_cache(inputs, tmp_path):
+    damaged = tmp_path / "damaged"
+    shutil.copytree(inputs / "bf16", damaged)
+    shard = damaged / "shards" / "000002.bin"
+    shard.write_bytes(shard.read_bytes()[:100])
+    result = distill(inputs, tmp_path, damaged)
+    assert result.exit_code == 2
+    assert "shard 2 000002.bin has 100 bytes" in result.output
+    assert not (tmp_path / "run").exists()

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Annotated
 
 import typer
 
+from apr_cli.commands.common import fail
 from apr_cli.commands.options import (
     LOSS,
     MODELS,
@@ -32,7 +34,7 @@ from apr_cli.commands.options import (
     Warmup,
     WeightDecay,
 )
-from apr_cli.commands.training import run_training
+from apr_cli.commands.training import run_training, typed
 from apr_cli.distill.losses import LOSS_KINDS
 from apr_cli.distill.pipeline import TrainConfig
 from apr_cli.distill.run import DEFAULT_STUDENT, DEFAULT_TEACHER, DistillOptions
@@ -49,6 +51,16 @@ def distill(
             rich_help_panel=MODELS,
         ),
     ] = DEFAULT_TEACHER,
+    teacher_cache: Annotated[
+        Path | None,
+        typer.Option(
+            help="A teacher cache (apr teacher-cache build) instead of --teacher: no teacher "
+            "model is loaded; --dataset and --seq-len must be the cache's.",
+            exists=True,
+            file_okay=False,
+            rich_help_panel=MODELS,
+        ),
+    ] = None,
     student: Annotated[
         str,
         typer.Option(
@@ -116,4 +128,8 @@ def distill(
     json_output: JsonOutput = False,
 ) -> None:
     """Distill a teacher into a student and leave a run directory with the trained student."""
+    if teacher_cache is not None:
+        if typed(ctx, "teacher"):
+            raise fail("--teacher and --teacher-cache: pass one of them, not both")
+        ctx.params["teacher"] = None  # the cache stands in for the default teacher
     run_training(ctx, DistillOptions(), "distill")

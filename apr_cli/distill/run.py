@@ -37,6 +37,7 @@ from apr_cli.model.checkpoint import (
 from apr_cli.model.config import ModelConfig
 from apr_cli.model.qwen2 import Qwen2ForCausalLM, count_parameters
 from apr_cli.model.vocab import shared_vocab_size
+from apr_cli.teacher_cache.reader import TeacherCache
 
 DEFAULT_TEACHER = "tiny-teacher"
 DEFAULT_STUDENT = "tiny-student"
@@ -52,6 +53,7 @@ class DistillOptions:
     """Everything `apr distill` was asked for, before anything is loaded."""
 
     teacher: str | None = DEFAULT_TEACHER  # None trains the student on the labels alone
+    teacher_cache: Path | None = None  # a teacher cache instead of a teacher model
     student: str = DEFAULT_STUDENT
     student_init: str | None = None  # teacher-layers:0,2,... builds the student from the teacher
     dataset: Path | None = None
@@ -65,13 +67,15 @@ class DistillOptions:
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
-        d["dataset"] = None if self.dataset is None else str(self.dataset)
+        for name in ("dataset", "teacher_cache"):
+            d[name] = None if d[name] is None else str(d[name])
         return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> DistillOptions:
         fields = {**d, "train": TrainConfig(**d["train"])}
-        fields["dataset"] = None if d["dataset"] is None else Path(d["dataset"])
+        for name in ("dataset", "teacher_cache"):
+            fields[name] = None if d.get(name) is None else Path(d[name])
         return cls(**fields)
 
     def validate(self) -> None:
@@ -82,6 +86,14 @@ class DistillOptions:
             raise AprError(f"--save-every must be >= 0, got {self.save_every}")
         if self.keep_checkpoints < 1:
             raise AprError(f"--keep-checkpoints must be >= 1, got {self.keep_checkpoints}")
+        if self.teacher_cache is not None:
+            if self.teacher is not None:
+                raise AprError("--teacher and --teacher-cache: pass one of them, not both")
+            if self.dataset is None:
+                raise AprError("--teacher-cache needs the --dataset it was built from")
+            if self.teacher_warmup or self.student_init is not None:
+                flag = "--student-init" if self.student_init else "--teacher-warmup"
+                raise AprError(f"{flag} needs a teacher model, not --teacher-cache")
 
 
 @dataclass
@@ -97,6 +109,7 @@ class Prepared:
     source: BatchSource
     vocab_size: int  # rows both models share; data ids must stay below it
     warnings: list[str]
+    teacher_cache: TeacherCache | None = None  # stands in for the teacher model
 
     @property
     def teacher_warmup(self) -> int:
@@ -109,7 +122,7 @@ class Prepared:
     @property
     def verb(self) -> str:
         """What the run does, for its summary line."""
-        return "Training" if self.teacher is None else "Distillation"
+        return "Training" if self.teacher_info is None else "Distillation"
 
 
 def prepare(options: DistillOptions) -> Prepared:
@@ -148,6 +161,11 @@ def prepare(options: DistillOptions) -> Prepared:
         if teacher is not None
         else student.config.vocab_size
     )
+    cache = None
+    if options.teacher_cache is not None:
+        cache = TeacherCache(options.teacher_cache)  # checks every shard's size and hash
+        teacher_info = cache_teacher_info(cache)
+        vocab = cache.check_vocab(student.config.vocab_size)
     context = min(m.config.max_position_embeddings for m in models)
     cfg.validate(max_seq_len=context)
     if cfg.batch_size % (cfg.grad_accum * backend.world_size):
@@ -167,6 +185,10 @@ def prepare(options: DistillOptions) -> Prepared:
             seed=cfg.seed,
         )
         source.check_seq_len(cfg.seq_len)
+        if cache is not None:
+            # Every window the run will read, from step 0 (a resume reads a subset).
+            needed = source.windows_needed(cfg.steps * cfg.batch_size, cfg.seq_len)
+            cache.check_run(options.dataset, cfg.seq_len, cfg.temperature, needed)
     else:
         source = SyntheticBatchSource(vocab, rank=backend.rank, world_size=backend.world_size)
     warnings = []
@@ -175,8 +197,29 @@ def prepare(options: DistillOptions) -> Prepared:
             "warning: teacher and student are the same model: there is nothing to distill"
         )
     return Prepared(
-        options, backend, teacher, student, teacher_info, student_info, source, vocab, warnings
+        options,
+        backend,
+        teacher,
+        student,
+        teacher_info,
+        student_info,
+        source,
+        vocab,
+        warnings,
+        cache,
     )
+
+
+def cache_teacher_info(cache: TeacherCache) -> dict[str, Any]:
+    """The manifest's teacher entry for a cached teacher: the cache and its fingerprints."""
+    report = cache.describe()
+    return {
+        **{k: report["teacher"][k] for k in ("spec", "config", "parameters", "fingerprint")},
+        "kind": f"teacher-cache ({cache.kind})",
+        "path": report["path"],
+        "dtype": report["compute_dtype"],
+        "cache": report,
+    }
 
 
 def same_model(a: Qwen2ForCausalLM, b: Qwen2ForCausalLM, a_info: dict, b_info: dict) -> bool:
@@ -202,6 +245,10 @@ def estimate_memory(p: Prepared) -> dict[str, int]:
     tokens = cfg.batch_size // (cfg.grad_accum * p.backend.world_size) * cfg.seq_len  # per pass
     act_bytes = 2 if p.backend.autocast_dtype is not None else 4
     teacher_weights = count_parameters(p.teacher) * act_bytes if p.teacher is not None else 0
+    if p.teacher_cache is not None and p.teacher_cache.kind == "hidden":
+        teacher_config = p.teacher_cache.header.teacher["config"]
+        vocab = max(vocab, teacher_config["vocab_size"])  # its output weight, in fp32
+        teacher_weights = teacher_config["vocab_size"] * teacher_config["hidden_size"] * 4
     student_states = count_parameters(p.student) * 16  # weights, grads, two moments, fp32
     # ~16 saved tensors of width hidden per layer and token, for backward.
     activations = tokens * s.hidden_size * s.num_hidden_layers * 16 * act_bytes
@@ -502,6 +549,7 @@ def train_run(
         p.source,
         p.backend,
         parallel="fsdp" if p.options.fsdp else "ddp",
+        teacher_cache=p.teacher_cache,
     )
     if state is not None:
         pipeline.load_state_dict(state)

@@ -34,6 +34,7 @@ CACHE_DTYPES = ("bf16", "float32")
 # fp16 cannot hold log(0); log-probabilities below this are stored as it (exp underflows to 0).
 LOGP_FLOOR = -1.0e4
 HASH_BLOCK = 1 << 24
+ENDS_BYTES = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -135,12 +136,29 @@ def file_sha256(path: Path) -> str:
 
 
 def dataset_fingerprint(path: Path) -> dict[str, Any]:
-    """Shard names and sizes, and meta.json's hash: what makes two datasets the same tokens."""
+    """Shard names and sizes, a hash of each shard's ends, and meta.json's hash.
+
+    The ends (first and last MiB) catch a same-sized shard of other tokens without reading a
+    corpus of hundreds of GB whole.
+    """
     meta = Path(path) / META_FILE
+    shards = [s.path for s in read_shards(path)]
     return {
-        "files": [[s.path.name, s.path.stat().st_size] for s in read_shards(path)],
+        "files": [[p.name, p.stat().st_size] for p in shards],
+        "ends_sha256": [ends_sha256(p) for p in shards],
         "meta_sha256": file_sha256(meta) if meta.is_file() else None,
     }
+
+
+def ends_sha256(path: Path) -> str:
+    """sha256 of a file's first and last ENDS_BYTES (the whole file when it is smaller)."""
+    size = path.stat().st_size
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        digest.update(f.read(ENDS_BYTES))
+        f.seek(max(ENDS_BYTES, size - ENDS_BYTES))
+        digest.update(f.read(ENDS_BYTES))
+    return digest.hexdigest()
 
 
 def describe_difference(what: str, ours: dict[str, Any], theirs: dict[str, Any]) -> str | None:

@@ -141,15 +141,15 @@ class TeacherCache:
             )
         return self._maps[shard]
 
+    def check_vocab(self, student_vocab: int) -> int:
+        """The vocab teacher and student share; refused when they cannot be aligned."""
+        return shared_vocab_size(self.header.teacher["vocab_size"], student_vocab)
+
     def check_run(
-        self,
-        dataset: Path,
-        seq_len: int,
-        student_vocab: int,
-        temperature: float,
-        needed: tuple[int, int],
-    ) -> int:
-        """Refuse a run this cache cannot serve; return the vocab teacher and student share."""
+        self, dataset: Path, seq_len: int, temperature: float, needed: tuple[int, int]
+    ) -> None:
+        """Refuse a run this cache cannot serve: another dataset, seq_len, temperature (top-k),
+        or windows outside the cached range (`needed`: the lowest and highest it will read)."""
         name = f"--teacher-cache {self.path}"
         h = self.header
         difference = describe_difference(
@@ -172,7 +172,6 @@ class TeacherCache:
                 f"{name} covers windows {first}..{end - 1} of the dataset at seq_len {seq_len}; "
                 f"this run reads windows {needed[0]}..{needed[1]}"
             )
-        return shared_vocab_size(h.teacher["vocab_size"], student_vocab)
 
     def describe(self) -> dict[str, Any]:
         """What `inspect` prints and a run's manifest records."""
