@@ -232,9 +232,11 @@ def test_build_killed_between_records_and_index_resumes_byte_identical(
 def test_build_refuses_to_continue_a_cache_built_differently(inputs, tmp_path):
     out = tmp_path / "c"
     assert cli(*build_args(inputs, out, "--windows", "0:30")).exit_code == 0
+    before = files(out)
     result = cli(*build_args(inputs, out, "--windows", "0:31"))
     assert result.exit_code == 2
     assert "built differently (windows differ)" in result.output
+    assert files(out) == before
 
 
 @pytest.mark.parametrize(
@@ -322,3 +324,15 @@ def test_windows_needed_bounds_every_window_a_run_reads(inputs, shuffle):
         assert lo <= min(seen) and max(seen) <= hi
         if not shuffle and count == 10:
             assert (lo, hi) == (50, 59)
+
+
+@pytest.mark.slow
+def test_two_ranks_build_stripes_of_the_same_cache(inputs, tmp_path, reference_build):
+    """Under torchrun each rank builds every other shard; the bytes equal one process's."""
+    out = tmp_path / "cache"
+    args = build_args(inputs, out, "--kind", "topk", "--shard-windows", "20", "--batch-size", "4")
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+               "--nproc-per-node=2", "-m", "apr_cli", *args]  # fmt: skip
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=600, env=ENV)
+    assert proc.returncode == 0, proc.stderr
+    assert files(out) == reference_build

@@ -12,7 +12,7 @@ import json
 import os
 import signal
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +26,7 @@ from apr_cli.data.shards import ShardBatchSource
 from apr_cli.distill.backend import Backend, select_backend
 from apr_cli.distill.losses import auto_chunk_tokens
 from apr_cli.errors import AprError
-from apr_cli.fsutil import atomic_write, atomic_write_json
+from apr_cli.fsutil import atomic_write, atomic_write_bytes, atomic_write_json
 from apr_cli.model.checkpoint import CONFIG, load_model, weight_files
 from apr_cli.model.qwen2 import Qwen2ForCausalLM
 from apr_cli.teacher_cache.format import (
@@ -113,7 +113,7 @@ def teacher_fingerprint(model: Qwen2ForCausalLM, info: dict[str, Any]) -> dict[s
     digest = hashlib.sha256()
     for name, tensor in sorted(model.state_dict().items()):
         digest.update(name.encode())
-        digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy())
     return {"weights_sha256": digest.hexdigest()}
 
 
@@ -182,7 +182,9 @@ def build_cache(
         ),
     )
     out = Path(options.out)
-    weight_path = out / TEACHER_WEIGHT
+    weight = None  # the exact kind's output weight, as the bytes of teacher.safetensors
+    if options.kind == "hidden":
+        weight = safetensors_bytes({"output_weight": teacher.output_weight.detach().cpu()})
     if out.exists() and not (out / HEADER).is_file() and any(out.iterdir()):
         raise AprError(f"--out {out}: exists, is not empty and holds no teacher cache")
     header = Header(
@@ -206,17 +208,13 @@ def build_cache(
             "windows_per_epoch": n_windows,
             "fingerprint": dataset_fingerprint(source.path),
         },
+        teacher_weight_sha256=None if weight is None else hashlib.sha256(weight).hexdigest(),
     )
     if backend.is_main:
-        (out / SHARDS).mkdir(parents=True, exist_ok=True)
-        if options.kind == "hidden":
-            weight = {"output_weight": teacher.output_weight.detach().cpu().contiguous()}
-            atomic_write(weight_path, lambda f: f.write(safetensors_bytes(weight)))
-    _barrier(backend)
-    if options.kind == "hidden":
-        header = replace(header, teacher_weight_sha256=file_sha256(weight_path))
-    if backend.is_main:
-        _write_or_check_header(out, header)
+        _write_or_check_header(out, header)  # refuses a different build before writing
+        (out / SHARDS).mkdir(exist_ok=True)
+        if weight is not None:
+            atomic_write_bytes(out / TEACHER_WEIGHT, weight)
         for stale in (out / SHARDS).glob(".*.tmp"):  # an interrupted write, never trusted
             stale.unlink()
     _barrier(backend)
@@ -249,6 +247,7 @@ def _write_or_check_header(out: Path, header: Header) -> None:
                 "continue it with the same command, or choose another --out"
             )
         return
+    out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(path, header.to_dict())
 
 
