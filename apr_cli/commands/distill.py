@@ -7,7 +7,6 @@ from typing import Annotated
 
 import typer
 
-from apr_cli.commands.common import fail
 from apr_cli.commands.options import (
     LOSS,
     MODELS,
@@ -34,23 +33,22 @@ from apr_cli.commands.options import (
     Warmup,
     WeightDecay,
 )
-from apr_cli.commands.training import run_training, typed
+from apr_cli.commands.training import RunFlags, run_training
 from apr_cli.distill.losses import LOSS_KINDS
+from apr_cli.distill.options import DEFAULT_STUDENT, DEFAULT_TEACHER, DistillOptions
 from apr_cli.distill.pipeline import TrainConfig
-from apr_cli.distill.run import DEFAULT_STUDENT, DEFAULT_TEACHER, DistillOptions
-
-DEFAULTS = TrainConfig()
 
 
 def distill(
-    ctx: typer.Context,
     teacher: Annotated[
-        str,
+        str | None,
         typer.Option(
-            help="Teacher: a local Hugging Face folder, a hub id in the local cache, or a preset.",
+            help="Teacher: a local Hugging Face folder, a hub id in the local cache, or a preset "
+            f"[default: {DEFAULT_TEACHER}, unless --teacher-cache].",
             rich_help_panel=MODELS,
+            show_default=False,
         ),
-    ] = DEFAULT_TEACHER,
+    ] = None,
     teacher_cache: Annotated[
         Path | None,
         typer.Option(
@@ -87,36 +85,36 @@ def distill(
     ] = None,
     dataset: Dataset = None,
     shuffle: Shuffle = False,
-    seq_len: SeqLen = DEFAULTS.seq_len,
-    batch_size: BatchSize = DEFAULTS.batch_size,
-    steps: Steps = DEFAULTS.steps,
-    lr: Lr = DEFAULTS.lr,
-    warmup: Warmup = DEFAULTS.warmup,
-    grad_accum: GradAccum = DEFAULTS.grad_accum,
-    grad_clip: GradClip = DEFAULTS.grad_clip,
-    weight_decay: WeightDecay = DEFAULTS.weight_decay,
-    seed: Seed = DEFAULTS.seed,
-    device: Device = "auto",
+    seq_len: SeqLen = TrainConfig.seq_len,
+    batch_size: BatchSize = TrainConfig.batch_size,
+    steps: Steps = TrainConfig.steps,
+    lr: Lr = TrainConfig.lr,
+    warmup: Warmup = TrainConfig.warmup,
+    grad_accum: GradAccum = TrainConfig.grad_accum,
+    grad_clip: GradClip = TrainConfig.grad_clip,
+    weight_decay: WeightDecay = TrainConfig.weight_decay,
+    seed: Seed = TrainConfig.seed,
+    device: Device = DistillOptions.device,
     loss: Annotated[
         str,
         typer.Option(help=f"KD divergence: {', '.join(LOSS_KINDS)}.", rich_help_panel=LOSS),
-    ] = DEFAULTS.loss,
+    ] = TrainConfig.loss,
     temperature: Annotated[
         float,
         typer.Option(help="Softmax temperature T of both models.", rich_help_panel=LOSS),
-    ] = DEFAULTS.temperature,
+    ] = TrainConfig.temperature,
     alpha: Annotated[
         float,
         typer.Option(
             help="Weight of the KD term: loss = alpha * T^2 * KD + (1 - alpha) * CE.",
             rich_help_panel=LOSS,
         ),
-    ] = DEFAULTS.alpha,
+    ] = TrainConfig.alpha,
     beta: Annotated[
         float,
         typer.Option(help="JSD mixture weight (--loss jsd), in (0, 1).", rich_help_panel=LOSS),
-    ] = DEFAULTS.beta,
-    loss_chunk: LossChunk = DEFAULTS.loss_chunk,
+    ] = TrainConfig.beta,
+    loss_chunk: LossChunk = TrainConfig.loss_chunk,
     compile_models: Compile = False,
     fsdp: Fsdp = False,
     out: Out = None,
@@ -128,8 +126,37 @@ def distill(
     json_output: JsonOutput = False,
 ) -> None:
     """Distill a teacher into a student and leave a run directory with the trained student."""
-    if teacher_cache is not None:
-        if typed(ctx, "teacher"):
-            raise fail("--teacher and --teacher-cache: pass one of them, not both")
-        ctx.params["teacher"] = None  # the cache stands in for the default teacher
-    run_training(ctx, DistillOptions(), "distill")
+    if teacher is None and teacher_cache is None:
+        teacher = DEFAULT_TEACHER
+    options = DistillOptions(
+        teacher=teacher,
+        teacher_cache=teacher_cache,
+        student=student,
+        student_init=student_init,
+        dataset=dataset,
+        shuffle=shuffle,
+        device=device,
+        teacher_warmup=teacher_warmup,
+        save_every=save_every,
+        fsdp=fsdp,
+        keep_checkpoints=keep_checkpoints,
+        train=TrainConfig(
+            steps=steps,
+            batch_size=batch_size,
+            seq_len=seq_len,
+            grad_accum=grad_accum,
+            lr=lr,
+            warmup=warmup,
+            weight_decay=weight_decay,
+            grad_clip=grad_clip,
+            temperature=temperature,
+            alpha=alpha,
+            loss=loss,
+            beta=beta,
+            seed=seed,
+            loss_chunk=loss_chunk,
+            compile=compile_models,
+        ),
+    )
+    flags = RunFlags(out, resume, overwrite, plan_only, json_output)
+    run_training(options, DistillOptions(), flags, "distill")
