@@ -182,7 +182,7 @@ def build_process(inputs, out, env=None):
 def reference_build(inputs, tmp_path_factory):
     out = tmp_path_factory.mktemp("ref") / "cache"
     proc = build_process(inputs, out)
-    _, err = proc.communicate(timeout=300)
+    _, err = proc.communicate(timeout=900)
     assert proc.returncode == 0, err
     return files(out)
 
@@ -203,7 +203,7 @@ def test_build_killed_after_progress_resumes_byte_identical(
     assert proc.returncode == -9
     assert files(out) != reference_build
     proc = build_process(inputs, out)
-    _, err = proc.communicate(timeout=300)
+    _, err = proc.communicate(timeout=900)
     assert proc.returncode == 0, err
     assert f"({after}/13)" in err and "already built" in err
     assert files(out) == reference_build
@@ -216,14 +216,14 @@ def test_build_killed_between_records_and_index_resumes_byte_identical(
     """The records of shard 4 are in place, its index entry is not: it is rebuilt, not trusted."""
     out = tmp_path / "cache"
     proc = build_process(inputs, out, {CRASH_AFTER_RECORDS: "4"})
-    proc.communicate(timeout=300)
+    proc.communicate(timeout=900)
     assert proc.returncode == -9
     bin_path, entry = shard_paths(out, 4)
     assert bin_path.is_file() and not entry.exists()
     bin_path.write_bytes(bin_path.read_bytes()[:-7])  # and a torn file left behind, too
     (out / "shards" / ".000005.bin.x.tmp").write_bytes(b"partial")
     proc = build_process(inputs, out)
-    _, err = proc.communicate(timeout=300)
+    _, err = proc.communicate(timeout=900)
     assert proc.returncode == 0, err
     assert "shard 4 written" in err and "shard 3 already built" in err
     assert files(out) == reference_build

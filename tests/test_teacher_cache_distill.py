@@ -1,7 +1,10 @@
 """Distilling from a teacher cache: the same run as online (exact kind), and what it refuses."""
 
 import json
+import os
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -190,3 +193,23 @@ def test_distill_refuses_a_damaged_cache(inputs, tmp_path):
     assert result.exit_code == 2
     assert "shard 2 000002.bin has 100 bytes" in result.output
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.slow
+def test_two_ranks_distill_from_a_cache_like_one(inputs, tmp_path):
+    """DDP over 2 processes reads each rank's rows from the cache: the same run as 1 process."""
+    args = ["-m", "apr_cli", "distill", "--teacher-cache", str(inputs / "f32"), "--dataset",
+            str(inputs / "data"), "--seq-len", str(SEQ_LEN), "--batch-size", "8", "--steps", "4",
+            "--device", "cpu", "--shuffle"]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    runs = {}
+    for nproc in (1, 2):
+        launcher = [] if nproc == 1 else ["-m", "torch.distributed.run", "--standalone",
+                                          f"--nproc-per-node={nproc}"]  # fmt: skip
+        out = tmp_path / f"run{nproc}"
+        command = [sys.executable, *launcher, *args, "--out", str(out)]
+        proc = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
+        assert proc.returncode == 0, proc.stderr
+        metrics = (out / "metrics.jsonl").read_text().splitlines()
+        runs[nproc] = [json.loads(line)["loss"] for line in metrics]
+    assert runs[2] == pytest.approx(runs[1], rel=1e-5)
