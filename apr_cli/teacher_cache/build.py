@@ -238,7 +238,10 @@ def _write_or_check_header(out: Path, header: Header) -> None:
     """A new cache gets its header; an existing one must have been asked for the same way."""
     path = out / HEADER
     if path.is_file():
-        old = json.loads(path.read_text())
+        try:
+            old = json.loads(path.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise AprError(f"{path}: unreadable ({e}); choose another --out") from None
         new = header.to_dict()
         keys = sorted(k for k in {*old, *new} if old.get(k) != new.get(k) and k != "checksum")
         if keys:
