@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -46,13 +47,25 @@ from apr_cli.distill.options import (
 
 def distill(
     teacher: Annotated[
-        str,
+        str | None,
         typer.Option(
             help="Teacher: a local Hugging Face folder, a .gguf file, a hub id in the local "
-            "cache, or a preset (Qwen2, Qwen3 or Qwen3-MoE).",
+            "cache, or a preset (Qwen2, Qwen3 or Qwen3-MoE) "
+            f"[default: {DEFAULT_TEACHER}, unless --teacher-cache].",
+            rich_help_panel=MODELS,
+            show_default=False,
+        ),
+    ] = None,
+    teacher_cache: Annotated[
+        Path | None,
+        typer.Option(
+            help="A teacher cache (apr teacher-cache build) instead of --teacher: no teacher "
+            "model is loaded; --dataset and --seq-len must be the cache's.",
+            exists=True,
+            file_okay=False,
             rich_help_panel=MODELS,
         ),
-    ] = DEFAULT_TEACHER,
+    ] = None,
     student: Annotated[
         str,
         typer.Option(
@@ -123,8 +136,11 @@ def distill(
     json_output: JsonOutput = False,
 ) -> None:
     """Distill a teacher into a student and leave a run directory with the trained student."""
+    if teacher is None and teacher_cache is None:
+        teacher = DEFAULT_TEACHER
     options = DistillOptions(
         teacher=teacher,
+        teacher_cache=teacher_cache,
         student=student,
         student_init=student_init,
         dataset=dataset,

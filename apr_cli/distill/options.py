@@ -87,6 +87,7 @@ class DistillOptions:
     """Everything `apr distill` was asked for, before anything is loaded."""
 
     teacher: str | None = DEFAULT_TEACHER  # None trains the student on the labels alone
+    teacher_cache: Path | None = None  # a teacher cache instead of a teacher model
     student: str = DEFAULT_STUDENT
     student_init: str | None = None  # teacher-layers:0,2,... builds the student from the teacher
     dataset: Path | None = None
@@ -102,13 +103,15 @@ class DistillOptions:
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
-        d["dataset"] = None if self.dataset is None else str(self.dataset)
+        for name in ("dataset", "teacher_cache"):
+            d[name] = None if d[name] is None else str(d[name])
         return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> DistillOptions:
         fields = {**d, "train": TrainConfig(**d["train"])}
-        fields["dataset"] = None if d["dataset"] is None else Path(d["dataset"])
+        for name in ("dataset", "teacher_cache"):
+            fields[name] = None if d.get(name) is None else Path(d[name])
         return cls(**fields)
 
     def validate(self) -> None:
@@ -121,6 +124,14 @@ class DistillOptions:
             raise AprError(f"--threads must be >= 0, got {self.threads}")
         if self.keep_checkpoints < 1:
             raise AprError(f"--keep-checkpoints must be >= 1, got {self.keep_checkpoints}")
+        if self.teacher_cache is not None:
+            if self.teacher is not None:
+                raise AprError("--teacher and --teacher-cache: pass one of them, not both")
+            if self.dataset is None:
+                raise AprError("--teacher-cache needs the --dataset it was built from")
+            if self.teacher_warmup or self.student_init is not None:
+                flag = "--student-init" if self.student_init else "--teacher-warmup"
+                raise AprError(f"{flag} needs a teacher model, not --teacher-cache")
 
 
 # Fields a resumed run may change: they do not change what the student learns. A test checks

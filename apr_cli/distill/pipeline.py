@@ -7,7 +7,7 @@ import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 import torch
@@ -18,7 +18,11 @@ from apr_cli.distill import parallel as parallel_lib
 from apr_cli.distill.backend import Backend, select_backend
 from apr_cli.distill.losses import IGNORE_INDEX
 from apr_cli.distill.options import TrainConfig
+from apr_cli.distill.topk_loss import TopKTeacher
 from apr_cli.errors import AprError
+
+if TYPE_CHECKING:
+    from apr_cli.teacher_cache.reader import TeacherCache
 
 
 @dataclass(frozen=True)
@@ -75,7 +79,10 @@ class Pipeline:
         source: BatchSource | None = None,
         backend: Backend | None = None,
         parallel: str = "ddp",
+        teacher_cache: TeacherCache | None = None,
     ):
+        """`teacher_cache` stands in for `teacher` (then None): its rows are read by the windows
+        `source` (a ShardBatchSource) hands out, so shuffling, resume and ranks all line up."""
         self.config = config
         self.backend = backend or select_backend("cpu", "fp32")
         device, world = self.backend.device, self.backend.world_size
@@ -86,6 +93,10 @@ class Pipeline:
             if parallel == "fsdp" and world > 1:
                 parallel_lib.shard_teacher(teacher)
         self.sharded_teacher = teacher is not None and parallel == "fsdp" and world > 1
+        self.teacher_cache = teacher_cache
+        self.teacher_weight = None if teacher is None else teacher.output_weight
+        if teacher_cache is not None and teacher_cache.kind == "hidden":
+            self.teacher_weight = teacher_cache.output_weight().to(device)
         # Compiled callables share parameters with the modules, which stay plain for saving.
         self.teacher_forward = None if teacher is None else teacher.hidden_states
         if teacher is not None and config.compile:
@@ -180,24 +191,21 @@ class Pipeline:
             group["lr"] = lr
         world = self.backend.world_size
         micro = cfg.batch_size // (cfg.grad_accum * world)  # rows per rank per micro-batch
-        batches = [self.source.next_batch(micro, cfg.seq_len) for _ in range(cfg.grad_accum)]
+        batches = [self.next_batch(micro) for _ in range(cfg.grad_accum)]
         # Weigh micro-batches by their share of the global batch's tokens, so accumulation and
         # data parallelism both equal one big batch; DDP/FSDP average gradients, hence * world.
-        counts = [int((labels != IGNORE_INDEX).sum()) for _, labels in batches]
+        counts = [int((labels != IGNORE_INDEX).sum()) for _, labels, _ in batches]
         local = torch.tensor([float(sum(counts))], device=device)
         total = max(1.0, parallel_lib.all_reduce_sum(local, self.backend).item())
         self.optimizer.zero_grad(set_to_none=True)
         sums = torch.zeros(4, device=device)
-        teacher_weight = None if self.teacher is None else self.teacher.output_weight
-        for i, (inputs, labels) in enumerate(batches):
+        for i, (inputs, labels, windows) in enumerate(batches):
             inputs, labels = inputs.to(device), labels.to(device)
             weight = counts[i] / total
-            teacher_hidden = self.teacher_hidden(inputs)
+            teacher = self.teacher_outputs(inputs, windows)
             last = i == len(batches) - 1
             with parallel_lib.gradient_sync(self.model, last), self.backend.autocast():
-                parts = self.model(
-                    inputs, labels, teacher_hidden, teacher_weight, self.loss_options
-                )
+                parts = self.model(inputs, labels, teacher, self.teacher_weight, self.loss_options)
             (parts[0] * (weight * world)).backward()
             sums += weight * parts.detach()
         parallel_lib.all_reduce_sum(sums, self.backend)
@@ -224,6 +232,22 @@ class Pipeline:
             sec_per_step=elapsed,
             aux_loss=aux if self.student.config.arch.moe else None,
         )
+
+    def next_batch(self, rows: int) -> tuple[torch.Tensor, torch.Tensor, list[int] | None]:
+        """(inputs, labels, the dataset windows they come from when a cache needs them)."""
+        seq_len = self.config.seq_len
+        windows = None
+        if self.teacher_cache is not None:
+            windows = self.source.batch_windows(rows, seq_len)
+        return *self.source.next_batch(rows, seq_len), windows
+
+    def teacher_outputs(
+        self, inputs: torch.Tensor, windows: list[int] | None
+    ) -> torch.Tensor | TopKTeacher | None:
+        """The teacher's side of the loss: final hidden states (B, T, C_t) or top-k outputs."""
+        if self.teacher_cache is not None:
+            return self.teacher_cache.read(windows).to(self.backend.device)
+        return self.teacher_hidden(inputs)
 
     def teacher_hidden(self, inputs: torch.Tensor) -> torch.Tensor | None:
         """Teacher final hidden states (B, T, C_t), with no autograd state."""

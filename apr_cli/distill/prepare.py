@@ -18,6 +18,7 @@ from apr_cli.errors import AprError
 from apr_cli.model.checkpoint import init_student_from_teacher, load_model, parse_teacher_layers
 from apr_cli.model.qwen2 import Qwen2ForCausalLM, count_parameters
 from apr_cli.model.vocab import shared_vocab_size
+from apr_cli.teacher_cache.reader import TeacherCache
 
 # A preset teacher starts from random weights and knows nothing; these CE steps on the same
 # batches give it something to teach (enough for the synthetic identity task).
@@ -37,6 +38,7 @@ class Prepared:
     source: BatchSource
     vocab_size: int  # rows both models share; data ids must stay below it
     warnings: list[str]
+    teacher_cache: TeacherCache | None = None  # stands in for the teacher model
 
     @property
     def teacher_warmup(self) -> int:
@@ -49,7 +51,7 @@ class Prepared:
     @property
     def verb(self) -> str:
         """What the run does, for its summary line."""
-        return "Training" if self.teacher is None else "Distillation"
+        return "Training" if self.teacher_info is None else "Distillation"
 
 
 def set_threads(requested: int) -> None:
@@ -108,6 +110,11 @@ def prepare(options: DistillOptions, plan_only: bool = False) -> Prepared:
         if teacher is not None
         else student.config.vocab_size
     )
+    cache = None
+    if options.teacher_cache is not None:
+        cache = TeacherCache(options.teacher_cache)  # checks every shard's size and hash
+        teacher_info = cache_teacher_info(cache)
+        vocab = cache.check_vocab(student.config.vocab_size)
     context = min(m.config.max_position_embeddings for m in models)
     cfg.validate(max_seq_len=context)
     if cfg.batch_size % (cfg.grad_accum * backend.world_size):
@@ -127,6 +134,10 @@ def prepare(options: DistillOptions, plan_only: bool = False) -> Prepared:
             seed=cfg.seed,
         )
         source.check_seq_len(cfg.seq_len)
+        if cache is not None:
+            # Every window the run will read, from step 0 (a resume reads a subset).
+            needed = source.windows_needed(cfg.steps * cfg.batch_size, cfg.seq_len)
+            cache.check_run(options.dataset, cfg.seq_len, cfg.temperature, needed)
     else:
         source = SyntheticBatchSource(vocab, rank=backend.rank, world_size=backend.world_size)
     warnings = []
@@ -135,8 +146,29 @@ def prepare(options: DistillOptions, plan_only: bool = False) -> Prepared:
             "warning: teacher and student are the same model: there is nothing to distill"
         )
     return Prepared(
-        options, backend, teacher, student, teacher_info, student_info, source, vocab, warnings
+        options,
+        backend,
+        teacher,
+        student,
+        teacher_info,
+        student_info,
+        source,
+        vocab,
+        warnings,
+        cache,
     )
+
+
+def cache_teacher_info(cache: TeacherCache) -> dict[str, Any]:
+    """The manifest's teacher entry for a cached teacher: the cache and its fingerprints."""
+    report = cache.describe()
+    return {
+        **{k: report["teacher"][k] for k in ("spec", "config", "parameters", "fingerprint")},
+        "kind": f"teacher-cache ({cache.kind})",
+        "path": report["path"],
+        "dtype": report["compute_dtype"],
+        "cache": report,
+    }
 
 
 def same_model(a: Qwen2ForCausalLM, b: Qwen2ForCausalLM, a_info: dict, b_info: dict) -> bool:
@@ -156,6 +188,10 @@ def estimate_memory(p: Prepared) -> dict[str, int]:
     tokens = cfg.batch_size // (cfg.grad_accum * p.backend.world_size) * cfg.seq_len  # per pass
     act_bytes = 2 if p.backend.autocast_dtype is not None else 4
     teacher_weights = count_parameters(p.teacher) * act_bytes if p.teacher is not None else 0
+    if p.teacher_cache is not None and p.teacher_cache.kind == "hidden":
+        teacher_config = p.teacher_cache.header.teacher["config"]
+        vocab = max(vocab, teacher_config["vocab_size"])  # its output weight, in fp32
+        teacher_weights = teacher_config["vocab_size"] * teacher_config["hidden_size"] * 4
     student_states = count_parameters(p.student) * 16  # weights, grads, two moments, fp32
     # ~16 saved tensors of width hidden per layer and token, for backward.
     activations = tokens * s.hidden_size * s.num_hidden_layers * 16 * act_bytes

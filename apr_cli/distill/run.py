@@ -155,6 +155,7 @@ def train_run(
         p.source,
         p.backend,
         parallel="fsdp" if p.options.fsdp else "ddp",
+        teacher_cache=p.teacher_cache,
     )
     if state is not None:
         pipeline.load_state_dict(state)
