@@ -50,10 +50,9 @@ def distill(
         str | None,
         typer.Option(
             help="Teacher: a local Hugging Face folder, a .gguf file, a hub id in the local "
-            "cache, or a preset (Qwen2, Qwen3 or Qwen3-MoE) "
-            f"[default: {DEFAULT_TEACHER}, unless --teacher-cache].",
+            "cache, or a preset (Qwen2, Qwen3 or Qwen3-MoE).",
             rich_help_panel=MODELS,
-            show_default=False,
+            show_default=f"{DEFAULT_TEACHER}, unless --teacher-cache",
         ),
     ] = None,
     teacher_cache: Annotated[

@@ -16,8 +16,6 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from apr_cli.commands.common import stderr, user_errors
 from apr_cli.commands.options import DATA, MODELS, OUTPUT, Device
-from apr_cli.teacher_cache.build import BuildOptions, build_cache
-from apr_cli.teacher_cache.reader import TeacherCache
 
 app = typer.Typer(
     help="Run a teacher once over a dataset and store its outputs for many distill runs.",
@@ -101,6 +99,8 @@ def build(
     device: Device = "auto",
 ) -> None:
     """Build a teacher cache (resumable; under torchrun each rank builds a stripe of shards)."""
+    from apr_cli.teacher_cache.build import BuildOptions, build_cache  # torch: not for --help
+
     options = BuildOptions(
         teacher=teacher,
         dataset=dataset,
@@ -162,6 +162,8 @@ def inspect(
     ] = False,
 ) -> None:
     """What a cache holds: teacher, dataset, seq_len, windows, kind, bytes/token, size."""
+    from apr_cli.teacher_cache.reader import TeacherCache  # torch: not for --help
+
     with user_errors():
         cached = TeacherCache(cache, verify=False)
         if verify:
