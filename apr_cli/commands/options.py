@@ -8,6 +8,7 @@ from typing import Annotated
 import typer
 
 MODELS, DATA, TRAINING, LOSS, RUN, OUTPUT = "Models", "Data", "Training", "Loss", "Run", "Output"
+WATCH = "Watching"
 
 Dataset = Annotated[
     Path | None,
@@ -22,7 +23,7 @@ Dataset = Annotated[
 Shuffle = Annotated[
     bool,
     typer.Option(
-        "--shuffle",
+        "--shuffle/--no-shuffle",
         help="Read the dataset's windows in a random order (seeded by --seed, new each epoch).",
         rich_help_panel=DATA,
     ),
@@ -74,13 +75,15 @@ LossChunk = Annotated[
 Compile = Annotated[
     bool,
     typer.Option(
-        "--compile", help="torch.compile the models' forward passes.", rich_help_panel=TRAINING
+        "--compile/--no-compile",
+        help="torch.compile the models' forward passes.",
+        rich_help_panel=TRAINING,
     ),
 ]
 Fsdp = Annotated[
     bool,
     typer.Option(
-        "--fsdp",
+        "--fsdp/--no-fsdp",
         help="Under torchrun, shard student and teacher with FSDP2 instead of replicating (DDP).",
         rich_help_panel=TRAINING,
     ),
@@ -126,5 +129,44 @@ JsonOutput = Annotated[
         "--json",
         help="Print the final summary (or plan) as JSON on stdout; step lines go to stderr.",
         rich_help_panel=RUN,
+    ),
+]
+ValDataset = Annotated[
+    Path | None,
+    typer.Option(
+        help="Held-out shards (*.bin) scored during training: val loss, and with a teacher the "
+        "KL to it and top-1 agreement.",
+        exists=True,
+        file_okay=False,
+        rich_help_panel=WATCH,
+    ),
+]
+EvalEvery = Annotated[
+    int,
+    typer.Option(
+        help="Steps between evals on --val-dataset (0: after the last step only).",
+        rich_help_panel=WATCH,
+    ),
+]
+EvalWindows = Annotated[
+    int,
+    typer.Option(
+        help="Val windows scored at each eval, the same ones every time (0: all).",
+        rich_help_panel=WATCH,
+    ),
+]
+KeepBest = Annotated[
+    bool,
+    typer.Option(
+        "--keep-best/--no-keep-best",
+        help="Keep the student with the lowest val loss as RUN/student-best.apr.",
+        rich_help_panel=WATCH,
+    ),
+]
+ReportTo = Annotated[
+    str,
+    typer.Option(
+        help="Where metrics go besides metrics.jsonl: tensorboard, wandb (comma-separated).",
+        rich_help_panel=WATCH,
     ),
 ]

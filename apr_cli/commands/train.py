@@ -6,28 +6,34 @@ from typing import Annotated
 
 import typer
 
+from apr_cli.commands.config_option import ConfigFile
 from apr_cli.commands.options import (
     MODELS,
     BatchSize,
     Compile,
     Dataset,
     Device,
+    EvalEvery,
+    EvalWindows,
     Fsdp,
     GradAccum,
     GradClip,
     JsonOutput,
+    KeepBest,
     KeepCheckpoints,
     LossChunk,
     Lr,
     Out,
     Overwrite,
     PlanOnly,
+    ReportTo,
     Resume,
     SaveEvery,
     Seed,
     SeqLen,
     Shuffle,
     Steps,
+    ValDataset,
     Warmup,
     WeightDecay,
 )
@@ -40,9 +46,10 @@ DEFAULTS = TrainConfig()
 
 def train(
     ctx: typer.Context,
-    model: Annotated[
+    student: Annotated[  # named after the options field it sets: --config finds it by name
         str,
         typer.Option(
+            "--model",
             help="Model to train: a local Hugging Face folder, a hub id in the local cache, or a "
             "preset (freshly initialised from --seed). Saved as RUN/student-trained.apr.",
             rich_help_panel=MODELS,
@@ -61,10 +68,16 @@ def train(
     seed: Seed = DEFAULTS.seed,
     device: Device = "auto",
     loss_chunk: LossChunk = DEFAULTS.loss_chunk,
-    compile_models: Compile = False,
+    compile: Compile = False,
     fsdp: Fsdp = False,
     out: Out = None,
     resume: Resume = None,
+    val_dataset: ValDataset = None,
+    eval_every: EvalEvery = DistillOptions.eval_every,
+    eval_windows: EvalWindows = DistillOptions.eval_windows,
+    keep_best: KeepBest = False,
+    report_to: ReportTo = DistillOptions.report_to,
+    config: ConfigFile(DistillOptions(teacher=None), "train") = None,
     save_every: SaveEvery = DistillOptions.save_every,
     keep_checkpoints: KeepCheckpoints = DistillOptions.keep_checkpoints,
     overwrite: Overwrite = False,

@@ -17,8 +17,8 @@ from apr_cli.distill.rundir import default_run_dir
 
 # Command parameters that are not run options, and those named differently in DistillOptions
 # or TrainConfig.
-NOT_OPTIONS = {"resume", "out", "overwrite", "plan_only", "json_output"}
-RENAMED = {"compile_models": "compile", "model": "student"}
+NOT_OPTIONS = {"resume", "out", "overwrite", "plan_only", "json_output", "config"}
+RENAMED: dict[str, str] = {}
 
 
 def option_values(ctx: typer.Context, *, typed_only: bool = False) -> dict[str, Any]:

@@ -19,14 +19,19 @@ from typing import Any
 import torch
 
 import apr_cli
+from apr_cli.data.shards import ShardBatchSource
 from apr_cli.data.source import BatchSource, SyntheticBatchSource
 from apr_cli.distill.backend import Backend, seed_everything, select_backend
 from apr_cli.distill.checkpoints import load_latest_checkpoint, save_checkpoint
+from apr_cli.distill.config_file import CONFIG_FILE, flat_values, write_config
+from apr_cli.distill.evaluate import DEFAULT_WINDOWS
 from apr_cli.distill.losses import auto_chunk_tokens
 from apr_cli.distill.parallel import any_rank
 from apr_cli.distill.pipeline import Pipeline, StepMetrics, TrainConfig, TrainResult
 from apr_cli.distill.plot import write_loss_plot
 from apr_cli.distill.rundir import LOSS_PLOT, RunDirectory, format_step, utc_now
+from apr_cli.distill.sinks import JSONL, check_installed, parse_report_to
+from apr_cli.distill.watch import RunWatch
 from apr_cli.errors import AprError
 from apr_cli.model.checkpoint import (
     init_student_from_teacher,
@@ -61,17 +66,24 @@ class DistillOptions:
     save_every: int = 1000  # steps between checkpoints (one is always written at the end)
     fsdp: bool = False  # under torchrun: shard student and teacher (FSDP2) instead of DDP
     keep_checkpoints: int = 2
+    val_dataset: Path | None = None  # held-out shards scored during training
+    eval_every: int = 0  # steps between evals; 0: after the last step only
+    eval_windows: int = DEFAULT_WINDOWS  # val windows scored, the same each time; 0: all
+    keep_best: bool = False  # keep the student with the lowest val loss
+    report_to: str = JSONL  # comma-separated sinks; metrics.jsonl is always written
     train: TrainConfig = field(default_factory=TrainConfig)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
-        d["dataset"] = None if self.dataset is None else str(self.dataset)
+        for name in ("dataset", "val_dataset"):
+            d[name] = None if d[name] is None else str(d[name])
         return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> DistillOptions:
         fields = {**d, "train": TrainConfig(**d["train"])}
-        fields["dataset"] = None if d["dataset"] is None else Path(d["dataset"])
+        for name in ("dataset", "val_dataset"):
+            fields[name] = None if d.get(name) is None else Path(d[name])
         return cls(**fields)
 
     def validate(self) -> None:
@@ -82,6 +94,14 @@ class DistillOptions:
             raise AprError(f"--save-every must be >= 0, got {self.save_every}")
         if self.keep_checkpoints < 1:
             raise AprError(f"--keep-checkpoints must be >= 1, got {self.keep_checkpoints}")
+        if self.eval_every < 0:
+            raise AprError(f"--eval-every must be >= 0, got {self.eval_every}")
+        if self.eval_windows < 0:
+            raise AprError(f"--eval-windows must be >= 0, got {self.eval_windows}")
+        if self.val_dataset is None and (self.eval_every or self.keep_best):
+            flag = "--eval-every" if self.eval_every else "--keep-best"
+            raise AprError(f"{flag} needs --val-dataset")
+        parse_report_to(self.report_to)
 
 
 @dataclass
@@ -97,6 +117,7 @@ class Prepared:
     source: BatchSource
     vocab_size: int  # rows both models share; data ids must stay below it
     warnings: list[str]
+    val_source: ShardBatchSource | None = None  # --val-dataset
 
     @property
     def teacher_warmup(self) -> int:
@@ -156,8 +177,6 @@ def prepare(options: DistillOptions) -> Prepared:
             f"x world size {backend.world_size}"
         )
     if options.dataset is not None:
-        from apr_cli.data.shards import ShardBatchSource
-
         source: BatchSource = ShardBatchSource(
             options.dataset,
             vocab_size=vocab,
@@ -169,13 +188,27 @@ def prepare(options: DistillOptions) -> Prepared:
         source.check_seq_len(cfg.seq_len)
     else:
         source = SyntheticBatchSource(vocab, rank=backend.rank, world_size=backend.world_size)
+    val_source = None
+    if options.val_dataset is not None:
+        val_source = ShardBatchSource(options.val_dataset, vocab_size=vocab)
+        val_source.check_seq_len(cfg.seq_len)
+    check_installed(parse_report_to(options.report_to))
     warnings = []
     if teacher is not None and same_model(teacher, student, teacher_info, student_info):
         warnings.append(
             "warning: teacher and student are the same model: there is nothing to distill"
         )
     return Prepared(
-        options, backend, teacher, student, teacher_info, student_info, source, vocab, warnings
+        options,
+        backend,
+        teacher,
+        student,
+        teacher_info,
+        student_info,
+        source,
+        vocab,
+        warnings,
+        val_source,
     )
 
 
@@ -269,6 +302,7 @@ RESUMABLE_CHANGES = {
     "loss_chunk",
     "compile",
     "fsdp",
+    "report_to",
 }
 TEACHER_WARMED = "teacher-warmed.apr"
 
@@ -312,7 +346,7 @@ class StopSignals:
 
 
 class RunReporter:
-    """Sends each step to the terminal, the victory log and metrics.jsonl; checkpoints."""
+    """Sends each step to the terminal, victory log, metrics.jsonl and watch; checkpoints."""
 
     def __init__(
         self,
@@ -321,15 +355,20 @@ class RunReporter:
         options: DistillOptions,
         emit: Emit,
         on_progress: Callable[[], None] | None,
+        watch: RunWatch,
     ):
         self.run, self.pipeline, self.options = run, pipeline, options
-        self.emit, self.on_progress = emit, on_progress
+        self.emit, self.on_progress, self.watch = emit, on_progress, watch
 
     def on_step(self, metrics: StepMetrics) -> None:
         line = format_step(metrics)
         self.emit(line)
         self.run.log(line)
         self.run.append_metrics(metrics)
+        eval_line = self.watch.on_step(metrics, self.pipeline)
+        if eval_line is not None:
+            self.emit(eval_line)
+            self.run.log(eval_line)
         every = self.options.save_every
         if every and metrics.step % every == 0 and metrics.step < metrics.steps:
             self.checkpoint()
@@ -345,6 +384,7 @@ class RunReporter:
             "pipeline": self.pipeline.state_dict(),
             "log_bytes": self.run.log_size(),
             "options": self.options.to_dict(),
+            "validation": self.watch.state_dict(),
         }
         if self.run.writable:
             save_checkpoint(self.run.path, self.pipeline.step, state, self.options.keep_checkpoints)
@@ -393,6 +433,8 @@ def start(
         "artifacts": run.artifact_paths(),
     }
     run.write_manifest(manifest)
+    if run.writable:
+        write_config(run.path / CONFIG_FILE, p.options)
 
     def emit_and_log(line: str) -> None:
         emit(line)
@@ -464,10 +506,12 @@ def resume(
     for key in ("error", "finished_at"):
         manifest.pop(key, None)
     run.write_manifest(manifest)
+    if run.writable:
+        write_config(run.path / CONFIG_FILE, options)
     for line in (dataset_line(options), f"resumed from {path.name} (step {step})"):
         emit(line)
         run.log(line)
-    return p, run, manifest, checkpoint["pipeline"]
+    return p, run, manifest, checkpoint
 
 
 def apply_overrides(options: DistillOptions, overrides: dict[str, Any]) -> DistillOptions:
@@ -493,8 +537,24 @@ def train_run(
     emit: Emit = print,
     on_progress: Callable[[], None] | None = None,
 ) -> dict[str, Any]:
-    """Train to the last step (from `state` when resuming), save, and finalize the manifest."""
+    """Train to the last step (from checkpoint `state` on resume), save, finalize the manifest."""
     emit = main_only(emit, p)
+    cfg = p.options.train
+    watch = RunWatch.open(
+        run,
+        val_source=p.val_source,
+        eval_every=p.options.eval_every,
+        eval_windows=p.options.eval_windows,
+        seq_len=cfg.seq_len,
+        micro_batch=cfg.batch_size // (cfg.grad_accum * p.backend.world_size),
+        backend=p.backend,
+        keep_best=p.options.keep_best,
+        report_to=parse_report_to(p.options.report_to),
+        config=flat_values(p.options),
+        started_at=manifest["started_at"],
+        resumed_at=None if state is None else state["pipeline"]["step"],
+        save_student=save_student,
+    )
     pipeline = Pipeline(
         p.student,
         p.teacher,
@@ -504,8 +564,9 @@ def train_run(
         parallel="fsdp" if p.options.fsdp else "ddp",
     )
     if state is not None:
-        pipeline.load_state_dict(state)
-    reporter = RunReporter(run, pipeline, p.options, emit, on_progress)
+        pipeline.load_state_dict(state["pipeline"])
+        watch.load_state_dict(state.get("validation"))
+    reporter = RunReporter(run, pipeline, p.options, emit, on_progress, watch)
     stop = StopSignals()
     try:
         with stop.installed():
@@ -516,17 +577,18 @@ def train_run(
             if stop.signum is not None:
                 command = "train" if p.teacher is None else "distill"
                 raise RunInterrupted(stop.signum, run.path, pipeline.step, command)
-        weights = pipeline.student_state()  # collective: gathers shards under FSDP2
+        save_student(pipeline, run.student_dir)
         if run.writable:
-            save_model(model_from_state(p.student.config, weights), run.student_dir)
             write_loss_plot(run.path / LOSS_PLOT, pipeline.losses)
     except BaseException as e:
         if pipeline.losses and run.writable:
-            manifest.update(summary(pipeline.result()))
+            manifest.update(summary(pipeline.result()), **watch.summary())
             write_loss_plot(run.path / LOSS_PLOT, pipeline.losses)
         finish_failed(run, manifest, e, steps_completed=pipeline.step)
         raise
-    manifest.update(status="completed", finished_at=utc_now(), **summary(result))
+    finally:
+        watch.close()
+    manifest.update(status="completed", finished_at=utc_now(), **summary(result), **watch.summary())
     run.write_manifest(manifest)
     final = (
         f"{p.verb} complete: initial_loss={result.initial_loss:.4f} -> "
@@ -541,6 +603,13 @@ def train_run(
 def main_only(emit: Emit, p: Prepared) -> Emit:
     """Rank 0 speaks for the run; other ranks print nothing."""
     return emit if p.backend.is_main else (lambda line: None)
+
+
+def save_student(pipeline: Pipeline, path: Path) -> None:
+    """Save the student as a model folder (collective: every rank calls; rank 0 writes)."""
+    weights = pipeline.student_state()  # gathers shards under FSDP2
+    if pipeline.backend.is_main:
+        save_model(model_from_state(pipeline.student.config, weights), path)
 
 
 def model_from_state(config: ModelConfig, state: dict[str, torch.Tensor]) -> Qwen2ForCausalLM:

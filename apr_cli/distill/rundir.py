@@ -27,6 +27,10 @@ ARTIFACTS = (
     STUDENT_DIR,
     "checkpoints",
     "teacher-warmed.apr",
+    "config.yaml",
+    "student-best.apr",
+    "tensorboard",
+    "wandb",
 )
 
 
@@ -138,10 +142,14 @@ class RunDirectory:
             atomic_write_bytes(metrics, "".join(kept).encode())
 
     def append_metrics(self, metrics: StepMetrics) -> None:
-        if not self.writable:
-            return
         record = asdict(metrics)
         record.pop("steps")
+        self.append_record(record)
+
+    def append_record(self, record: dict[str, Any]) -> None:
+        """One JSON line in metrics.jsonl (a step, or an eval marked `"kind": "eval"`)."""
+        if not self.writable:
+            return
         with open(self.path / METRICS, "a") as f:
             f.write(json.dumps(record) + "\n")
 
