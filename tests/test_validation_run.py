@@ -16,7 +16,7 @@ from apr_cli.data.shards import ShardBatchSource, write_shard
 from apr_cli.distill.backend import select_backend
 from apr_cli.distill.evaluate import score_windows, window_indices
 from apr_cli.model.checkpoint import load_model
-from tests.test_sinks import tensorboard_scalars
+from tests.test_sinks import tensorboard_scalars, wandb_records
 
 STEPS = 20
 FAST = ["--seq-len", "16", "--batch-size", "4", "--teacher-warmup", "5", "--device", "cpu",
@@ -165,3 +165,33 @@ def test_kill_and_resume_with_evals_and_tensorboard_repeats_no_step(data, tmp_pa
     assert [s for s, _ in scalars["train/loss"]] == list(range(1, STEPS + 1))
     assert [s for s, _ in scalars["val/loss"]] == [5, 10, 15, 20]
     assert [v for _, v in scalars["train/loss"]] == pytest.approx([x["loss"] for x in rows(out)])
+
+
+@pytest.mark.slow
+def test_wandb_offline_run_holds_the_options_and_the_same_scalars(data, tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    out = tmp_path / "run"
+    r = apr("distill", "--dataset", data / "train", *FAST[:-1], 6, "--val-dataset", data / "val",
+            "--eval-every", 3, "--eval-windows", 4, "--report-to", "wandb,jsonl",
+            "--out", out)  # fmt: skip
+    assert r.exit_code == 0, r.output
+    records = wandb_records(out)
+    (run,) = [x.run for x in records if x.WhichOneof("record_type") == "run"]
+    config = {i.key: json.loads(i.value_json) for i in run.config.update}
+    assert config["steps"] == 6 and config["val-dataset"] == str(data / "val")
+    assert config["report-to"] == "wandb,jsonl" and config["lr"] == 3e-3
+    history = {}
+    for x in records:
+        if x.WhichOneof("record_type") == "history":
+            items = {
+                (i.key or "/".join(i.nested_key)): json.loads(i.value_json) for i in x.history.item
+            }
+            history[items["_step"]] = items
+    assert sorted(history) == list(range(1, 7))
+    assert [history[s]["train/loss"] for s in range(1, 7)] == [x["loss"] for x in rows(out)]
+    evals = rows(out, "eval")
+    assert [(s, h["val/loss"]) for s, h in history.items() if "val/loss" in h] == [
+        (x["step"], x["val_loss"]) for x in evals
+    ]
+    assert history[6]["val/kl_to_teacher"] == evals[-1]["kl_to_teacher"]
