@@ -138,3 +138,11 @@ def test_wandb_offline_records_config_and_scalars(tmp_path, monkeypatch):
     ]
     assert [h["_step"] for h in history] == [1, 2]
     assert history[0]["train/loss"] == 1.0 and history[1]["val/loss"] == 3.5
+
+
+@pytest.mark.slow
+def test_a_wandb_that_cannot_start_is_one_line(tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "no-such-mode")  # W&B refuses its own settings
+    with pytest.raises(AprError, match=r"^--report-to wandb: .*WANDB_MODE=offline") as caught:
+        WandbSink(tmp_path, {}, run_id="apr-test-2")
+    assert "\n" not in str(caught.value)

@@ -91,15 +91,20 @@ class WandbSink:
         import wandb
 
         # One W&B run per run directory: a resume continues it under the same id.
-        self.run = wandb.init(
-            project=WANDB_PROJECT,
-            dir=str(run_dir),
-            id=run_id,
-            name=run_dir.name,
-            config=config,
-            resume="allow",
-            reinit="create_new",
-        )
+        try:
+            self.run = wandb.init(
+                project=WANDB_PROJECT,
+                dir=str(run_dir),
+                id=run_id,
+                name=run_dir.name,
+                config=config,
+                resume="allow",
+            )
+        except Exception as e:  # no login, no network: W&B's own reasons, on one line
+            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise AprError(
+                f"--report-to wandb: {reason} (WANDB_MODE=offline needs no account)"
+            ) from None
 
     def log(self, step: int, scalars: dict[str, float]) -> None:
         self.run.log(scalars, step=step)
