@@ -19,7 +19,8 @@ Remote box:
   GX10_USER        ssh user (default: ssh's own choice)
   GX10_REPO_PATH   remote project dir; code goes to commits/SHA/ in it (default ~/apr-dispatch)
   GX10_RUN_PREFIX  remote dir holding runs (default GX10_REPO_PATH/runs)
-  GX10_PYTHON      remote python that builds the venv (default python3)
+  GX10_PYTHON      remote python whose packages (CUDA torch) the run uses: a system, venv or conda
+                   env python; the run's venv is built from it and sees them (default python3)
   GX10_PIP_ARGS    extra words for the remote `pip install` (e.g. --no-deps --no-index)
   GX10_REMOTE_ENV  KEY=VALUE words exported for the run (default HF_HUB_OFFLINE=1)
   GX10_SSH_OPTS    extra words for ssh (e.g. "-p 2222 -i ~/.ssh/gx10")
@@ -85,6 +86,13 @@ is_on() {
 # Read the environment once; nothing below reads a configuration variable directly.
 load_config() {
     HOST=${GX10_HOST:-gx10}
+    # Both end up in ssh's destination word: a leading '-' would be read as an option
+    # (-oProxyCommand=... runs a command locally), '@' or a space would change the target.
+    # Shown %q-quoted, so that the message stays one line whatever the value holds.
+    [[ $HOST =~ ^[A-Za-z0-9_][A-Za-z0-9_.:%-]*$ ]] ||
+        die "GX10_HOST $(q "$HOST") is not a host name (letters, digits, '.', '-', '_', ':', '%'; the user goes in GX10_USER)"
+    [[ -z ${GX10_USER:-} || $GX10_USER =~ ^[A-Za-z0-9_][A-Za-z0-9_.-]*$ ]] ||
+        die "GX10_USER $(q "$GX10_USER") is not a user name (letters, digits, '.', '-', '_', not starting with '-' or '.')"
     TARGET=${GX10_USER:+$GX10_USER@}$HOST
     REMOTE_REPO=${GX10_REPO_PATH:-"~/apr-dispatch"}
     RUN_PREFIX=${GX10_RUN_PREFIX:-$REMOTE_REPO/runs}
@@ -146,10 +154,10 @@ remote() {
     command="bash -c $(q "$script")"
     if (($#)); then
         # shellcheck disable=SC2029  # expanding here is the point: the script is quoted
-        "$@" | ssh "${SSH_OPTS[@]}" "$TARGET" "$command"
+        "$@" | ssh "${SSH_OPTS[@]}" -- "$TARGET" "$command"
     else
         # shellcheck disable=SC2029
-        ssh "${SSH_OPTS[@]}" "$TARGET" "$command"
+        ssh "${SSH_OPTS[@]}" -- "$TARGET" "$command"
     fi
 }
 
@@ -225,6 +233,7 @@ preflight() {
 fail() { echo "error: $*" >&2; exit 3; }
 command -v "$py" >/dev/null || fail "python $py not found on $(hostname)"
 "$py" -c "import sys; sys.exit(sys.version_info < (3, 10))" || fail "$py is older than Python 3.10"
+"$py" -m pip --version >/dev/null 2>&1 || fail "$py has no pip (python -m pip); install it for $py"
 echo "python: $("$py" -c "import platform, sys; print(platform.python_version(), sys.executable)")"
 if gpu=$(nvidia-smi --query-gpu=name,memory.total --format=csv,noheader 2>/dev/null) &&
     [ -n "$gpu" ]; then
@@ -248,7 +257,18 @@ if [ -n "$dataset" ]; then
 fi
 REMOTE
     )
-    remote "$script" || explain_ssh_failure $? "preflight"
+    # The first contact: a wrong host, port, user or key shows here. ssh's stderr is held back so
+    # that such a failure is one line carrying ssh's own reason.
+    local err rc=0
+    err=$(mktemp)
+    STAGING_DIRS+=("$err")
+    remote "$script" 2>"$err" || rc=$?
+    if ((rc == 255)); then
+        die "preflight: cannot reach $TARGET over ssh ($(grep -v '^[[:space:]]*$' "$err" |
+            tail -n 1 | tr -d '\r')); check GX10_HOST, GX10_USER and GX10_SSH_OPTS (port, key)"
+    fi
+    cat "$err" >&2
+    ((rc == 0)) || explain_ssh_failure "$rc" "preflight"
 }
 
 # Unpack `git archive` into commits/SHA. It is renamed into place only once tar has succeeded
@@ -273,8 +293,9 @@ REMOTE
         explain_ssh_failure $? "sync"
 }
 
-# A venv per commit, made with --system-site-packages so the box's own CUDA torch is used
-# instead of whatever pip would fetch. A marker file records a finished install.
+# A venv per commit that sees every package of GX10_PYTHON (system, venv or conda env), so the
+# box's own CUDA torch is used instead of whatever pip would fetch. A marker file records a
+# finished install.
 install_project() {
     echo "== install"
     local script word pip_words=()
@@ -287,7 +308,14 @@ if [ -f "$dest/.venv/.apr-installed" ]; then
     echo "already installed: $dest/.venv"
     exit 0
 fi
-"$py" -m venv --clear --system-site-packages "$dest/.venv"
+"$py" -m venv --clear --without-pip --system-site-packages "$dest/.venv"
+# --system-site-packages reaches only the base interpreter's packages. When $py is a venv's or a
+# conda env's python, that environment (its CUDA torch) is what the run should use: list its
+# site-packages in a .pth file. They come after the venv's own, so the synced apr wins. The venv
+# gets no pip of its own: $py's pip and setuptools (newer than a venv's bundled ones) do the
+# install, into this venv.
+site_dir=$("$dest/.venv/bin/python" -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
+"$py" -c "import site; print(*site.getsitepackages(), sep='\n')" >"$site_dir/_apr_base_env.pth"
 "$dest/.venv/bin/python" -m pip install --quiet --disable-pip-version-check \
     ${pip_args[@]+"${pip_args[@]}"} "$dest"
 "$dest/.venv/bin/python" - <<'PY'
@@ -367,10 +395,30 @@ REMOTE
     trap 'echo; echo "stopped following; fetch later with: $0 fetch $RUN_NAME"; exit 130' INT
     remote "$script" || rc=$?
     trap - INT
-    if ((rc == 255)); then
-        warn "lost the connection to $TARGET; the run goes on there: $0 fetch $RUN_NAME later"
-    fi
-    return "$rc"
+    ((rc != 0)) || return 0
+    # A non-zero exit is the run's exit code, or the follow connection failing (a dropped link,
+    # a killed ssh: exit 255 or a signal's 128+N, which a run can also exit with). Ask the box.
+    local state
+    script=$(remote_script "run=$(qpath "$RUN_PREFIX/$RUN_NAME")" <<'REMOTE'
+if [ -f "$run/launch.exit" ]; then
+    cat "$run/launch.exit"
+elif kill -0 "$(cat "$run/launch.pid")" 2>/dev/null; then
+    echo running
+else
+    echo gone
+fi
+REMOTE
+    )
+    state=$(remote "$script") || state=unreachable
+    case $state in
+        running | unreachable)
+            warn "lost the connection to $TARGET (ssh exit $rc); the run goes on there:" \
+                "$0 fetch $RUN_NAME later"
+            exit 255
+            ;;
+        gone) return 1 ;; # killed without recording an exit code; the follow said so
+        *) return "$state" ;;
+    esac
 }
 
 # Copy dispatch.json and launch-victory.txt into EVIDENCE/NAME/ and record in the manifest where
@@ -460,10 +508,7 @@ dispatch() {
     fi
     local rc=0
     follow_run || rc=$?
-    # After a lost connection the run is still going: there is nothing final to fetch yet.
-    if ((rc != 255)); then
-        fetch_evidence "$RUN_NAME"
-    fi
+    fetch_evidence "$RUN_NAME"
     return "$rc"
 }
 

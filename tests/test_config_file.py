@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 from apr_cli.distill.config_file import build, flat_values, load_config, option_types, write_config
-from apr_cli.distill.run import DistillOptions
+from apr_cli.distill.options import DistillOptions
 from apr_cli.errors import AprError
 
 

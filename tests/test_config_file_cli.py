@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 from apr_cli.cli import app
 from apr_cli.data.shards import write_shard
 from apr_cli.distill.config_file import option_types
-from apr_cli.distill.run import DistillOptions
+from apr_cli.distill.options import DistillOptions
 
 FAST = ["--seq-len", "16", "--batch-size", "4", "--teacher-warmup", "3", "--device", "cpu"]
 

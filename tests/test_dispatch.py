@@ -3,14 +3,16 @@
 Only the network hop is replaced: the stand-in ssh runs the command with `bash -c` (as sshd runs
 it with the login shell) in a temporary "remote" home with a clean environment, so nothing of the
 local environment leaks across. Everything else is real: `git archive` of this repository's HEAD
-is unpacked there, a venv is built with `--system-site-packages`, the project is pip-installed into
-it and `apr distill` trains from that installed copy.
+is unpacked there, a venv is built from GX10_PYTHON, the project is pip-installed into it and
+`apr distill` trains from that installed copy. These tests cover quoting, dry runs and refusals;
+tests/test_dispatch_ssh.py runs the script against a real OpenSSH server.
 
-The test machine is offline, so the "remote" python sees this venv's packages (torch, typer, ...)
-through PYTHONPATH, standing in for a GPU box's preinstalled system packages, and the install uses
-GX10_PIP_ARGS="--no-deps --no-build-isolation --no-index". PYTHONPATH does not process .pth files,
-so this checkout's editable install of apr_cli is invisible there: `apr` on the remote can only be
-the synced copy (a test checks the manifest's command path).
+The test machine is offline, so GX10_PYTHON is this test's own python: the run's venv sees this
+environment's packages (torch, typer, ...) as it would a GPU box's CUDA torch, and the install uses
+GX10_PIP_ARGS="--no-deps --no-build-isolation --no-index". Those packages are listed as plain
+directories, without processing their .pth files, so this checkout's editable install of apr_cli
+is invisible there: `apr` on the remote can only be the synced copy (a test checks the manifest's
+command path).
 """
 
 import json
@@ -20,7 +22,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import sysconfig
 import time
 from pathlib import Path
 
@@ -46,6 +47,7 @@ while (($#)); do
     case $1 in
         -o | -p | -l | -i | -F | -J) shift 2 ;;
         -[46AaCfGgKkMNnqsTtVvXxYy]) shift ;;
+        --) shift; break ;;
         -*) echo "stand-in ssh: unsupported option $1" >&2; exit 255 ;;
         *) break ;;
     esac
@@ -58,7 +60,7 @@ if [[ $host == *unreachable* ]]; then
 fi
 cd "$REMOTE_HOME" || exit 255
 exec env -i HOME="$REMOTE_HOME" PATH=/usr/local/bin:/usr/bin:/bin LANG=C.UTF-8 \
-    PYTHONPATH="$REMOTE_PYTHONPATH" OMP_NUM_THREADS=1 bash -c "$*"
+    OMP_NUM_THREADS=1 bash -c "$*"
 """
 
 # The script must reach the remote through ssh only; these make any other route fail loudly
@@ -91,9 +93,8 @@ class Remote:
             "LANG": "C.UTF-8",
             "STANDIN_LOG": str(self.log),
             "REMOTE_HOME": str(self.home),
-            "REMOTE_PYTHONPATH": sysconfig.get_paths()["purelib"],
             "GX10_HOST": HOST,
-            "GX10_PYTHON": getattr(sys, "_base_executable", sys.executable),
+            "GX10_PYTHON": sys.executable,
             "GX10_PIP_ARGS": "--no-deps --no-build-isolation --no-index",
             "GX10_ALIVE_WAIT": "1",
             "GX10_MIN_FREE_GB": "1",
@@ -140,8 +141,8 @@ def write_shards(folder: Path) -> None:
     (folder / "README.txt").write_text("not a shard")
 
 
-def read_evidence(remote: Remote, name: str) -> tuple[dict, list[str]]:
-    folder = remote.evidence / name
+def read_evidence(folder: Path) -> tuple[dict, list[str]]:
+    """The fetched manifest and victory log; nothing else may be in the folder."""
     assert sorted(p.name for p in folder.iterdir()) == ["dispatch.json", "launch-victory.txt"]
     manifest = json.loads((folder / "dispatch.json").read_text())
     return manifest, (folder / "launch-victory.txt").read_text().splitlines()
@@ -168,6 +169,7 @@ def test_help_prints_usage():
         assert var in out.stdout
 
 
+@pytest.mark.slow
 def test_synthetic_dispatch_follows_the_run_and_fetches_evidence(remote):
     env = {
         **SMALL_RUN,
@@ -199,10 +201,11 @@ def test_synthetic_dispatch_follows_the_run_and_fetches_evidence(remote):
     assert "warning: no GPU visible" in out.stderr
     assert "step 20/20" in out.stdout  # the log was followed
     calls = remote.ssh_calls()
-    assert all(f"tester@{HOST}" in call for call in calls)
+    # Options end before the destination, whatever GX10_SSH_OPTS holds.
+    assert all(f" -- tester@{HOST} " in call for call in calls)
     assert all("StrictHostKeyChecking=accept-new" in call for call in calls)
 
-    manifest, victory = read_evidence(remote, "synthetic")
+    manifest, victory = read_evidence(remote.evidence / "synthetic")
     run_dir = remote.run_dir("synthetic")
     assert manifest["status"] == "completed"
     assert manifest["remote_host"] == HOST
@@ -227,6 +230,7 @@ def test_synthetic_dispatch_follows_the_run_and_fetches_evidence(remote):
     assert (run_dir / "launch.exit").read_text().strip() == "0"
 
 
+@pytest.mark.slow
 def test_dataset_dispatch_detached_then_fetched(remote):
     """A dataset dir whose name tries quotes, `;` and $(...) trains on its shards, runs nothing."""
     name = "corpus dir; touch PWNED $(touch PWNED2) `touch PWNED3` 'q' \"dq\""
@@ -260,7 +264,7 @@ def test_dataset_dispatch_detached_then_fetched(remote):
 
     out = remote.dispatch("fetch", "dataset", GX10_RUN_PREFIX=f"~/{prefix}")
     assert out.returncode == 0, out.stdout + out.stderr
-    manifest, victory = read_evidence(remote, "dataset")
+    manifest, victory = read_evidence(remote.evidence / "dataset")
     dataset = remote.home / "data" / name
     assert manifest["status"] == "completed"
     assert manifest["remote_run_dir"] == str(run_dir.resolve())
@@ -273,6 +277,7 @@ def test_dataset_dispatch_detached_then_fetched(remote):
     assert remote.markers() == []
 
 
+@pytest.mark.slow
 def test_sigint_to_a_detached_run_marks_it_interrupted(remote):
     """The hint the launch prints (kill -INT -- -PID) stops apr cleanly, though it runs detached."""
     out = remote.dispatch(**{**SMALL_RUN, "STEPS": "100000"}, RUN_NAME="stopped", DETACH="1")
@@ -295,7 +300,7 @@ def test_sigint_to_a_detached_run_marks_it_interrupted(remote):
     assert (run_dir / "launch.exit").read_text().strip() == "130"
     out = remote.dispatch("fetch", "stopped")
     assert out.returncode == 0, out.stdout + out.stderr
-    manifest, victory = read_evidence(remote, "stopped")
+    manifest, victory = read_evidence(remote.evidence / "stopped")
     assert manifest["status"] == "interrupted"
     assert victory[-1].startswith("interrupted: interrupted by SIGINT after step ")
     assert victory[-2].startswith("step ")
@@ -355,6 +360,31 @@ def test_existing_run_name_is_refused(remote):
     assert list(remote.run_dir("taken").iterdir()) == []
 
 
+@pytest.mark.parametrize(
+    ("var", "value"),
+    [
+        ("GX10_HOST", "-oProxyCommand=touch {marker}"),
+        ("GX10_HOST", "box -oProxyCommand=touch {marker}"),
+        ("GX10_HOST", "box\n-oProxyCommand=touch {marker}"),
+        ("GX10_HOST", "someone@box"),
+        ("GX10_USER", "-oProxyCommand=touch {marker}"),
+        ("GX10_USER", "me@other-box"),
+    ],
+)
+@pytest.mark.parametrize("command", [[], ["fetch", "some-run"]], ids=["dispatch", "fetch"])
+def test_host_or_user_that_is_not_a_name_is_refused_before_ssh(remote, var, value, command):
+    """A host such as -oProxyCommand=... would land in ssh's option position."""
+    value = value.format(marker=remote.root / "PWNED-host")
+    out = remote.dispatch(*command, **SMALL_RUN, RUN_NAME="hostile", **{var: value})
+    assert out.returncode == 1
+    assert len(out.stderr.splitlines()) == 1
+    assert out.stderr.startswith(f"error: {var} ")
+    assert " is not a " in out.stderr
+    assert out.stdout == ""
+    assert remote.ssh_calls() == []
+    assert remote.markers() == []
+
+
 def test_bad_run_name_fails_before_ssh(remote):
     out = remote.dispatch(RUN_NAME="../escape")
     assert out.returncode == 1
@@ -393,6 +423,7 @@ def test_several_gpus_launch_under_torchrun(remote):
     assert bad.returncode == 1 and "GX10_NPROC" in bad.stderr
 
 
+@pytest.mark.slow
 def test_run_that_dies_early_shows_its_log(remote):
     out = remote.dispatch(
         **{**SMALL_RUN, "EXTRA_ARGS": "--no-such-option"}, RUN_NAME="early", GX10_ALIVE_WAIT="120"

@@ -13,8 +13,10 @@ import typer
 from typer.testing import CliRunner
 
 from apr_cli.cli import app
+from apr_cli.distill.options import DistillOptions
 from apr_cli.distill.pipeline import TrainConfig
-from apr_cli.distill.run import DistillOptions, execute, prepare
+from apr_cli.distill.prepare import prepare
+from apr_cli.distill.run import start, train_run
 from apr_cli.model.checkpoint import load_model, save_model
 from apr_cli.model.config import ModelConfig
 from apr_cli.model.qwen2 import build_model
@@ -91,7 +93,8 @@ def test_default_run_saves_a_trained_student_that_reloads(default_run):
 def test_saved_student_gives_the_in_memory_logits(tmp_path):
     options = DistillOptions(teacher_warmup=5, train=TrainConfig(steps=5, batch_size=4, seq_len=16))
     prepared = prepare(options)
-    execute(prepared, tmp_path / "run", emit=lambda line: None)
+    run, manifest = start(prepared, tmp_path / "run", emit=lambda line: None)
+    train_run(prepared, run, manifest, emit=lambda line: None)
     reloaded, _ = load_model(str(tmp_path / "run" / "student-trained.apr"))
     ids = torch.randint(0, 512, (2, 12))
     with torch.no_grad():

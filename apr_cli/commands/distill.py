@@ -38,16 +38,13 @@ from apr_cli.commands.options import (
     Warmup,
     WeightDecay,
 )
-from apr_cli.commands.training import run_training
+from apr_cli.commands.training import RunFlags, run_training
 from apr_cli.distill.losses import LOSS_KINDS
+from apr_cli.distill.options import DEFAULT_STUDENT, DEFAULT_TEACHER, DistillOptions
 from apr_cli.distill.pipeline import TrainConfig
-from apr_cli.distill.run import DEFAULT_STUDENT, DEFAULT_TEACHER, DistillOptions
-
-DEFAULTS = TrainConfig()
 
 
 def distill(
-    ctx: typer.Context,
     teacher: Annotated[
         str,
         typer.Option(
@@ -81,36 +78,36 @@ def distill(
     ] = None,
     dataset: Dataset = None,
     shuffle: Shuffle = False,
-    seq_len: SeqLen = DEFAULTS.seq_len,
-    batch_size: BatchSize = DEFAULTS.batch_size,
-    steps: Steps = DEFAULTS.steps,
-    lr: Lr = DEFAULTS.lr,
-    warmup: Warmup = DEFAULTS.warmup,
-    grad_accum: GradAccum = DEFAULTS.grad_accum,
-    grad_clip: GradClip = DEFAULTS.grad_clip,
-    weight_decay: WeightDecay = DEFAULTS.weight_decay,
-    seed: Seed = DEFAULTS.seed,
-    device: Device = "auto",
+    seq_len: SeqLen = TrainConfig.seq_len,
+    batch_size: BatchSize = TrainConfig.batch_size,
+    steps: Steps = TrainConfig.steps,
+    lr: Lr = TrainConfig.lr,
+    warmup: Warmup = TrainConfig.warmup,
+    grad_accum: GradAccum = TrainConfig.grad_accum,
+    grad_clip: GradClip = TrainConfig.grad_clip,
+    weight_decay: WeightDecay = TrainConfig.weight_decay,
+    seed: Seed = TrainConfig.seed,
+    device: Device = DistillOptions.device,
     loss: Annotated[
         str,
         typer.Option(help=f"KD divergence: {', '.join(LOSS_KINDS)}.", rich_help_panel=LOSS),
-    ] = DEFAULTS.loss,
+    ] = TrainConfig.loss,
     temperature: Annotated[
         float,
         typer.Option(help="Softmax temperature T of both models.", rich_help_panel=LOSS),
-    ] = DEFAULTS.temperature,
+    ] = TrainConfig.temperature,
     alpha: Annotated[
         float,
         typer.Option(
             help="Weight of the KD term: loss = alpha * T^2 * KD + (1 - alpha) * CE.",
             rich_help_panel=LOSS,
         ),
-    ] = DEFAULTS.alpha,
+    ] = TrainConfig.alpha,
     beta: Annotated[
         float,
         typer.Option(help="JSD mixture weight (--loss jsd), in (0, 1).", rich_help_panel=LOSS),
-    ] = DEFAULTS.beta,
-    loss_chunk: LossChunk = DEFAULTS.loss_chunk,
+    ] = TrainConfig.beta,
+    loss_chunk: LossChunk = TrainConfig.loss_chunk,
     compile: Compile = False,
     fsdp: Fsdp = False,
     out: Out = None,
@@ -128,4 +125,39 @@ def distill(
     json_output: JsonOutput = False,
 ) -> None:
     """Distill a teacher into a student and leave a run directory with the trained student."""
-    run_training(ctx, DistillOptions(), "distill")
+    options = DistillOptions(
+        teacher=teacher,
+        student=student,
+        student_init=student_init,
+        dataset=dataset,
+        shuffle=shuffle,
+        device=device,
+        teacher_warmup=teacher_warmup,
+        save_every=save_every,
+        fsdp=fsdp,
+        keep_checkpoints=keep_checkpoints,
+        val_dataset=val_dataset,
+        eval_every=eval_every,
+        eval_windows=eval_windows,
+        keep_best=keep_best,
+        report_to=report_to,
+        train=TrainConfig(
+            steps=steps,
+            batch_size=batch_size,
+            seq_len=seq_len,
+            grad_accum=grad_accum,
+            lr=lr,
+            warmup=warmup,
+            weight_decay=weight_decay,
+            grad_clip=grad_clip,
+            temperature=temperature,
+            alpha=alpha,
+            loss=loss,
+            beta=beta,
+            seed=seed,
+            loss_chunk=loss_chunk,
+            compile=compile,
+        ),
+    )
+    flags = RunFlags(out, resume, overwrite, plan_only, json_output)
+    run_training(options, DistillOptions(), flags, "distill")

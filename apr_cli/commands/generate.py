@@ -10,6 +10,7 @@ import torch
 import typer
 
 from apr_cli.commands.common import user_errors
+from apr_cli.distill.backend import resolve_device
 from apr_cli.errors import AprError
 
 PROMPT = "Prompt"
@@ -26,17 +27,6 @@ def parse_ids(value: str) -> list[int]:
     if not ids:
         raise AprError("--prompt-ids: no ids given")
     return ids
-
-
-def resolve_device(name: str) -> torch.device:
-    """A torch device that exists on this machine."""
-    try:
-        device = torch.device(name)
-    except RuntimeError as e:
-        raise AprError(f"--device {name!r}: {e}") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise AprError(f"--device {name}: CUDA is not available on this machine")
-    return device
 
 
 def generate(

@@ -37,15 +37,12 @@ from apr_cli.commands.options import (
     Warmup,
     WeightDecay,
 )
-from apr_cli.commands.training import run_training
+from apr_cli.commands.training import RunFlags, run_training
+from apr_cli.distill.options import DEFAULT_STUDENT, DistillOptions
 from apr_cli.distill.pipeline import TrainConfig
-from apr_cli.distill.run import DEFAULT_STUDENT, DistillOptions
-
-DEFAULTS = TrainConfig()
 
 
 def train(
-    ctx: typer.Context,
     student: Annotated[  # named after the options field it sets: --config finds it by name
         str,
         typer.Option(
@@ -57,17 +54,17 @@ def train(
     ] = DEFAULT_STUDENT,
     dataset: Dataset = None,
     shuffle: Shuffle = False,
-    seq_len: SeqLen = DEFAULTS.seq_len,
-    batch_size: BatchSize = DEFAULTS.batch_size,
-    steps: Steps = DEFAULTS.steps,
-    lr: Lr = DEFAULTS.lr,
-    warmup: Warmup = DEFAULTS.warmup,
-    grad_accum: GradAccum = DEFAULTS.grad_accum,
-    grad_clip: GradClip = DEFAULTS.grad_clip,
-    weight_decay: WeightDecay = DEFAULTS.weight_decay,
-    seed: Seed = DEFAULTS.seed,
-    device: Device = "auto",
-    loss_chunk: LossChunk = DEFAULTS.loss_chunk,
+    seq_len: SeqLen = TrainConfig.seq_len,
+    batch_size: BatchSize = TrainConfig.batch_size,
+    steps: Steps = TrainConfig.steps,
+    lr: Lr = TrainConfig.lr,
+    warmup: Warmup = TrainConfig.warmup,
+    grad_accum: GradAccum = TrainConfig.grad_accum,
+    grad_clip: GradClip = TrainConfig.grad_clip,
+    weight_decay: WeightDecay = TrainConfig.weight_decay,
+    seed: Seed = TrainConfig.seed,
+    device: Device = DistillOptions.device,
+    loss_chunk: LossChunk = TrainConfig.loss_chunk,
     compile: Compile = False,
     fsdp: Fsdp = False,
     out: Out = None,
@@ -88,4 +85,33 @@ def train(
 
     The same pipeline, run directory, --resume, --plan and --json as `apr distill`.
     """
-    run_training(ctx, DistillOptions(teacher=None), "train")
+    options = DistillOptions(
+        teacher=None,
+        student=student,
+        dataset=dataset,
+        shuffle=shuffle,
+        device=device,
+        save_every=save_every,
+        fsdp=fsdp,
+        keep_checkpoints=keep_checkpoints,
+        val_dataset=val_dataset,
+        eval_every=eval_every,
+        eval_windows=eval_windows,
+        keep_best=keep_best,
+        report_to=report_to,
+        train=TrainConfig(
+            steps=steps,
+            batch_size=batch_size,
+            seq_len=seq_len,
+            grad_accum=grad_accum,
+            lr=lr,
+            warmup=warmup,
+            weight_decay=weight_decay,
+            grad_clip=grad_clip,
+            seed=seed,
+            loss_chunk=loss_chunk,
+            compile=compile,
+        ),
+    )
+    flags = RunFlags(out, resume, overwrite, plan_only, json_output)
+    run_training(options, DistillOptions(teacher=None), flags, "train")

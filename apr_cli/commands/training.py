@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import json
 import sys
-from typing import Any
+from dataclasses import dataclass
+from pathlib import Path
 
 import typer
 from rich.console import Console
@@ -12,66 +13,61 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemaining
 
 from apr_cli.commands.common import user_errors
 from apr_cli.distill import run as run_lib
-from apr_cli.distill.run import DistillOptions, Prepared
+from apr_cli.distill.options import DistillOptions
+from apr_cli.distill.prepare import Prepared, plan, prepare
 from apr_cli.distill.rundir import default_run_dir
 
-# Command parameters that are not run options, and those named differently in DistillOptions
-# or TrainConfig.
-NOT_OPTIONS = {"resume", "out", "overwrite", "plan_only", "json_output", "config"}
-RENAMED: dict[str, str] = {}
+
+@dataclass(frozen=True)
+class RunFlags:
+    """The flags that say where and how a command runs, rather than what it trains."""
+
+    out: Path | None  # None: runs/COMMAND-YYYYMMDD-HHMMSS
+    resume: Path | None
+    overwrite: bool
+    plan_only: bool
+    json_output: bool
 
 
-def option_values(ctx: typer.Context, *, typed_only: bool = False) -> dict[str, Any]:
-    """The command's run options by their library names; `typed_only`: those on the command line.
+def run_training(
+    options: DistillOptions, defaults: DistillOptions, flags: RunFlags, name: str
+) -> None:
+    """Plan, run or resume `options` for command `name`, and render what happened.
 
-    What was typed (not defaulted) is what a resume is asked to change.
+    On --resume, `defaults` (the command's options with no flags given) tells which settings
+    the command line asked to change.
     """
-    names = [n for n in ctx.params if n not in NOT_OPTIONS and (not typed_only or typed(ctx, n))]
-    return {RENAMED.get(n, n): ctx.params[n] for n in names}
-
-
-def typed(ctx: typer.Context, name: str) -> bool:
-    """Whether the parameter was given on the command line (not a default)."""
-    return getattr(ctx.get_parameter_source(name), "name", None) == "COMMANDLINE"
-
-
-def run_training(ctx: typer.Context, base: DistillOptions, name: str) -> None:
-    """Run the command in `ctx`: `base` with the parsed options applied, in runs/NAME-... .
-
-    The command's parameters are read from `ctx.params`, so a command is its option list.
-    """
-    flags = ctx.params
-    options = run_lib.apply_overrides(base, option_values(ctx))
-    json_output = flags["json_output"]
-    lines = Console(file=sys.stderr if json_output else sys.stdout, highlight=False, soft_wrap=True)
+    lines = Console(
+        file=sys.stderr if flags.json_output else sys.stdout, highlight=False, soft_wrap=True
+    )
 
     def emit(line: str) -> None:
         lines.print(line, markup=False)
 
     with user_errors():
-        if flags["resume"] is not None:
+        if flags.resume is not None:
             prepared, run, manifest, state = run_lib.resume(
-                flags["resume"], option_values(ctx, typed_only=True), emit=emit
+                flags.resume, options, defaults, emit=emit
             )
         else:
-            prepared = run_lib.prepare(options)
-            if flags["plan_only"]:
-                render_plan(prepared, json_output, lines)
+            prepared = prepare(options)
+            if flags.plan_only:
+                render_plan(prepared, flags.json_output, lines)
                 return
-            out = flags["out"] or default_run_dir(name)
-            run, manifest = run_lib.start(prepared, out, overwrite=flags["overwrite"], emit=emit)
+            out = flags.out or default_run_dir(name)
+            run, manifest = run_lib.start(prepared, out, overwrite=flags.overwrite, emit=emit)
             state = None
-        for_terminal = lines.is_terminal and not json_output
+        for_terminal = lines.is_terminal and not flags.json_output
         with ProgressBar(lines, prepared.options.train.steps, for_terminal, name) as advance:
             manifest = run_lib.train_run(
                 prepared, run, manifest, state=state, emit=emit, on_progress=advance
             )
-    if json_output:
+    if flags.json_output:
         typer.echo(json.dumps(manifest, indent=2))
 
 
 def render_plan(prepared: Prepared, json_output: bool, lines: Console) -> None:
-    info = run_lib.plan(prepared)
+    info = plan(prepared)
     if json_output:
         typer.echo(json.dumps(info, indent=2))
         return

@@ -64,9 +64,7 @@ def select_backend(device: str = "auto") -> Backend:
     """
     if device not in DEVICES:
         raise AprError(f"--device: expected one of {', '.join(DEVICES)}, got {device!r}")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise AprError("--device cuda: no CUDA device is visible to torch")
-    use_cuda = device != "cpu" and torch.cuda.is_available()
+    use_cuda = resolve_device(device).type == "cuda"
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size > 1 and not dist.is_initialized():
         if use_cuda:
@@ -80,6 +78,19 @@ def select_backend(device: str = "auto") -> Backend:
     return Backend(
         torch.device("cuda", torch.cuda.current_device()), torch.bfloat16, rank, world_size
     )
+
+
+def resolve_device(name: str) -> torch.device:
+    """A torch device that exists here: auto (CUDA when available, else CPU), cpu, cuda, cuda:N."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as e:
+        raise AprError(f"--device {name!r}: {e}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise AprError(f"--device {name}: no CUDA device is visible to torch")
+    return device
 
 
 def seed_everything(seed: int) -> None:

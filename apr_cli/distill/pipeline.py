@@ -245,15 +245,15 @@ class Pipeline:
         batches = [self.source.next_batch(micro, cfg.seq_len) for _ in range(cfg.grad_accum)]
         # Weigh micro-batches by their share of the global batch's tokens, so accumulation and
         # data parallelism both equal one big batch; DDP/FSDP average gradients, hence * world.
-        local = sum(int((labels != IGNORE_INDEX).sum()) for _, labels in batches)
-        counts = torch.tensor([float(local)], device=device)
-        total = max(1.0, parallel_lib.all_reduce_sum(counts, self.backend).item())
+        counts = [int((labels != IGNORE_INDEX).sum()) for _, labels in batches]
+        local = torch.tensor([float(sum(counts))], device=device)
+        total = max(1.0, parallel_lib.all_reduce_sum(local, self.backend).item())
         self.optimizer.zero_grad(set_to_none=True)
         sums = torch.zeros(3, device=device)
         teacher_weight = None if self.teacher is None else self.teacher.output_weight
         for i, (inputs, labels) in enumerate(batches):
             inputs, labels = inputs.to(device), labels.to(device)
-            weight = int((labels != IGNORE_INDEX).sum()) / total
+            weight = counts[i] / total
             teacher_hidden = self.teacher_hidden(inputs)
             last = i == len(batches) - 1
             with parallel_lib.gradient_sync(self.model, last), self.backend.autocast():

@@ -7,11 +7,18 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from apr_cli.data.shards import ShardBatchSource
+from apr_cli.distill.config_file import flat_values
 from apr_cli.distill.parallel import any_rank
 from apr_cli.distill.pipeline import Pipeline, StepMetrics
+from apr_cli.distill.prepare import Prepared
 from apr_cli.distill.rundir import RunDirectory
-from apr_cli.distill.sinks import MetricSink, open_sinks, train_scalars, val_scalars
+from apr_cli.distill.sinks import (
+    MetricSink,
+    open_sinks,
+    parse_report_to,
+    train_scalars,
+    val_scalars,
+)
 from apr_cli.distill.validation import Validator, format_eval
 
 BEST_STUDENT = "student-best.apr"
@@ -44,37 +51,31 @@ class RunWatch:
     @classmethod
     def open(
         cls,
+        p: Prepared,
         run: RunDirectory,
         *,
-        val_source: ShardBatchSource | None,
-        eval_every: int,
-        eval_windows: int,
-        seq_len: int,
-        micro_batch: int,
-        backend: Any,
-        keep_best: bool,
-        report_to: tuple[str, ...],
-        config: dict[str, Any],
         started_at: str,
         resumed_at: int | None,
         save_student: Callable[[Pipeline, Path], None],
     ) -> RunWatch:
         """The validator (with --val-dataset) and, on rank 0, the sinks asked for."""
+        options, cfg = p.options, p.options.train
         validator = None
-        if val_source is not None:
+        if p.val_source is not None:
             validator = Validator(
-                val_source,
-                every=eval_every,
-                windows=eval_windows,
-                seq_len=seq_len,
-                batch_size=micro_batch,
-                backend=backend,
+                p.val_source,
+                every=options.eval_every,
+                windows=options.eval_windows,
+                seq_len=cfg.seq_len,
+                batch_size=cfg.batch_size // (cfg.grad_accum * p.backend.world_size),
+                backend=p.backend,
             )
         sinks: list[MetricSink] = []
         if run.writable:
             run_id = wandb_run_id(run.path, started_at)
-            sinks = open_sinks(report_to, run.path, config, run_id, resumed_at)
-        return cls(run, validator, sinks, keep_best, save_student)
+            names = parse_report_to(options.report_to)
+            sinks = open_sinks(names, run.path, flat_values(options), run_id, resumed_at)
+        return cls(run, validator, sinks, options.keep_best, save_student)
 
     def on_step(self, metrics: StepMetrics, pipeline: Pipeline) -> str | None:
         """Report the step to the sinks and eval when due; the eval's log line, if any."""

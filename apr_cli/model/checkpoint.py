@@ -220,7 +220,7 @@ def save_model(
     out = Path(out_dir)
     if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / CONFIG).is_file())):
         raise AprError(f"{out}: exists and is not a model folder; refusing to overwrite it")
-    # The tied lm_head is not in the state dict; the KV cache buffers are not persistent.
+    # The tied lm_head is not in the state dict.
     tensors = {
         k: v.detach().to(device="cpu", dtype=dtype or v.dtype).contiguous()
         for k, v in model.state_dict().items()

@@ -1,0 +1,210 @@
+"""Preparing a run: teacher, student, data and backend resolved and checked; its plan."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from apr_cli.data.shards import ShardBatchSource
+from apr_cli.data.source import BatchSource, SyntheticBatchSource
+from apr_cli.distill.backend import Backend, seed_everything, select_backend
+from apr_cli.distill.losses import auto_chunk_tokens
+from apr_cli.distill.options import DistillOptions
+from apr_cli.distill.pipeline import Pipeline, TrainConfig
+from apr_cli.distill.sinks import check_installed, parse_report_to
+from apr_cli.errors import AprError
+from apr_cli.model.checkpoint import init_student_from_teacher, load_model, parse_teacher_layers
+from apr_cli.model.qwen2 import Qwen2ForCausalLM, count_parameters
+from apr_cli.model.vocab import shared_vocab_size
+
+# A preset teacher starts from random weights and knows nothing; these CE steps on the same
+# batches give it something to teach (enough for the synthetic identity task).
+PRESET_TEACHER_WARMUP = 50
+
+
+@dataclass
+class Prepared:
+    """Models, data and backend resolved and checked; nothing written yet."""
+
+    options: DistillOptions
+    backend: Backend
+    teacher: Qwen2ForCausalLM | None
+    student: Qwen2ForCausalLM
+    teacher_info: dict[str, Any] | None
+    student_info: dict[str, Any]
+    source: BatchSource
+    vocab_size: int  # rows both models share; data ids must stay below it
+    warnings: list[str]
+    val_source: ShardBatchSource | None = None  # --val-dataset
+
+    @property
+    def teacher_warmup(self) -> int:
+        if self.teacher_info is None:
+            return 0
+        if self.options.teacher_warmup is not None:
+            return self.options.teacher_warmup
+        return PRESET_TEACHER_WARMUP if self.teacher_info["kind"] == "preset" else 0
+
+    @property
+    def verb(self) -> str:
+        """What the run does, for its summary line."""
+        return "Training" if self.teacher is None else "Distillation"
+
+
+def prepare(options: DistillOptions) -> Prepared:
+    """Resolve and check everything a run needs, failing before any file is written."""
+    options.validate()
+    cfg = options.train
+    backend = select_backend(options.device)
+    seed_everything(cfg.seed)
+    teacher, teacher_info = None, None
+    if options.teacher is not None:
+        teacher, teacher_info = load_model(
+            options.teacher, dtype=backend.teacher_dtype, device=backend.device, seed=cfg.seed + 1
+        )
+    if options.student_init is not None:
+        if teacher is None:
+            raise AprError("--student-init needs a --teacher to take layers from")
+        layers = parse_teacher_layers(options.student_init, teacher.config.num_hidden_layers)
+        student = init_student_from_teacher(teacher, layers).float()
+        student_info = {
+            "spec": options.student_init,
+            "kind": "teacher-layers",
+            "layers": layers,
+            "path": teacher_info["path"],
+            "config": student.config.to_dict(),
+            "parameters": count_parameters(student),
+            "dtype": "float32",
+        }
+    else:
+        # Student weights stay fp32: they are the optimizer's master copy.
+        student, student_info = load_model(
+            options.student, dtype=torch.float32, device=backend.device, seed=cfg.seed
+        )
+    models = [m for m in (teacher, student) if m is not None]
+    vocab = (
+        shared_vocab_size(teacher.config.vocab_size, student.config.vocab_size)
+        if teacher is not None
+        else student.config.vocab_size
+    )
+    context = min(m.config.max_position_embeddings for m in models)
+    cfg.validate(max_seq_len=context)
+    if cfg.batch_size % (cfg.grad_accum * backend.world_size):
+        raise AprError(
+            f"--batch-size {cfg.batch_size} is not a multiple of --grad-accum {cfg.grad_accum} "
+            f"x world size {backend.world_size}"
+        )
+    if options.dataset is not None:
+        source: BatchSource = ShardBatchSource(
+            options.dataset,
+            vocab_size=vocab,
+            rank=backend.rank,
+            world_size=backend.world_size,
+            shuffle=options.shuffle,
+            seed=cfg.seed,
+        )
+        source.check_seq_len(cfg.seq_len)
+    else:
+        source = SyntheticBatchSource(vocab, rank=backend.rank, world_size=backend.world_size)
+    val_source = None
+    if options.val_dataset is not None:
+        val_source = ShardBatchSource(options.val_dataset, vocab_size=vocab)
+        val_source.check_seq_len(cfg.seq_len)
+    check_installed(parse_report_to(options.report_to))
+    warnings = []
+    if teacher is not None and same_model(teacher, student, teacher_info, student_info):
+        warnings.append(
+            "warning: teacher and student are the same model: there is nothing to distill"
+        )
+    return Prepared(
+        options,
+        backend,
+        teacher,
+        student,
+        teacher_info,
+        student_info,
+        source,
+        vocab,
+        warnings,
+        val_source,
+    )
+
+
+def same_model(a: Qwen2ForCausalLM, b: Qwen2ForCausalLM, a_info: dict, b_info: dict) -> bool:
+    """Same checkpoint folder, or the same shapes holding the same weights."""
+    if a_info.get("path") and a_info.get("path") == b_info.get("path") and "layers" not in b_info:
+        return True
+    if a.config.with_(torch_dtype="") != b.config.with_(torch_dtype=""):
+        return False
+    b_state = b.state_dict()
+    return all(torch.equal(t.float(), b_state[name].float()) for name, t in a.state_dict().items())
+
+
+def estimate_memory(p: Prepared) -> dict[str, int]:
+    """A rough peak: weights, fp32 grads + AdamW moments, activations and logits (bytes)."""
+    cfg, s = p.options.train, p.student.config
+    vocab = max(m.config.vocab_size for m in (p.teacher, p.student) if m is not None)
+    tokens = cfg.batch_size // (cfg.grad_accum * p.backend.world_size) * cfg.seq_len  # per pass
+    act_bytes = 2 if p.backend.autocast_dtype is not None else 4
+    teacher_weights = count_parameters(p.teacher) * act_bytes if p.teacher is not None else 0
+    student_states = count_parameters(p.student) * 16  # weights, grads, two moments, fp32
+    # ~16 saved tensors of width hidden per layer and token, for backward.
+    activations = tokens * s.hidden_size * s.num_hidden_layers * 16 * act_bytes
+    # The chunked loss holds about nine (block, vocab) fp32 tensors, never the full logits.
+    block = min(cfg.loss_chunk or auto_chunk_tokens(vocab), tokens)
+    logits = block * vocab * 4 * 9
+    total = teacher_weights + student_states + activations + logits
+    return {
+        "teacher_weights": teacher_weights,
+        "student_weights_grads_optimizer": student_states,
+        "activations": activations,
+        "logits": logits,
+        "total": total,
+    }
+
+
+def plan(p: Prepared) -> dict[str, Any]:
+    """What a run would do, as the manifest and `--plan` show it."""
+    cfg = p.options.train
+    return {
+        "teacher": p.teacher_info,
+        "student": p.student_info,
+        "teacher_warmup_steps": p.teacher_warmup,
+        "shared_vocab_size": p.vocab_size,
+        "data": p.source.describe(),
+        "backend": p.backend.describe(),
+        "hyperparameters": cfg.to_dict(),
+        "tokens_per_step": cfg.batch_size * cfg.seq_len,
+        "micro_batch_size": cfg.batch_size // cfg.grad_accum,
+        "memory_estimate_bytes": estimate_memory(p),
+    }
+
+
+def warm_up_teacher(p: Prepared, emit: Callable[[str], None]) -> dict[str, Any] | None:
+    """Train a preset teacher with CE on the run's batches, then rewind the source."""
+    steps = p.teacher_warmup
+    if steps == 0:
+        return None
+    cfg = p.options.train
+    warm_cfg = TrainConfig(
+        steps=steps,
+        batch_size=cfg.batch_size,
+        seq_len=cfg.seq_len,
+        grad_accum=cfg.grad_accum,
+        lr=cfg.lr,
+        warmup=min(cfg.warmup, steps),
+        seed=cfg.seed,
+    )
+    # The teacher is trained in fp32 and frozen afterwards by the distillation pipeline.
+    p.teacher.float().train().requires_grad_(True)
+    result = Pipeline(p.teacher, None, warm_cfg, p.source, p.backend).train()
+    p.teacher.to(p.backend.teacher_dtype)
+    p.source.reset()
+    emit(
+        f"teacher warm-up: {steps} CE steps on the batch source, "
+        f"loss {result.initial_loss:.4f} -> {result.final_loss:.4f}"
+    )
+    return {"steps": steps, "initial_loss": result.initial_loss, "final_loss": result.final_loss}
