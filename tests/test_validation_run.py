@@ -161,6 +161,14 @@ def test_kill_and_resume_with_evals_and_tensorboard_repeats_no_step(data, tmp_pa
     assert r.exit_code == 0, r.output
     assert [x["step"] for x in rows(out)] == list(range(1, STEPS + 1))
     assert [x["step"] for x in rows(out, "eval")] == [5, 10, 15, 20]
+    log = (out / "launch-victory.txt").read_text().splitlines()
+    assert [x.split()[1] for x in log if x.startswith("eval ")] == [
+        "5/20",
+        "10/20",
+        "15/20",
+        "20/20",
+    ]
+    assert json.loads((out / "dispatch.json").read_text())["validation"]["evals"] == 4
     scalars = tensorboard_scalars(out)
     assert [s for s, _ in scalars["train/loss"]] == list(range(1, STEPS + 1))
     assert [s for s, _ in scalars["val/loss"]] == [5, 10, 15, 20]
