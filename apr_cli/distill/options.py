@@ -6,13 +6,13 @@ from dataclasses import asdict, dataclass, field, fields, is_dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from apr_cli.distill.evaluate import DEFAULT_WINDOWS
 from apr_cli.distill.pipeline import TrainConfig
 from apr_cli.distill.sinks import JSONL, parse_report_to
 from apr_cli.errors import AprError
 
 DEFAULT_TEACHER = "tiny-teacher"
 DEFAULT_STUDENT = "tiny-student"
+DEFAULT_WINDOWS = 512  # windows `apr eval` scores
 
 
 @dataclass

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import importlib
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
-from apr_cli.distill.pipeline import StepMetrics
 from apr_cli.errors import AprError
+
+if TYPE_CHECKING:  # the run options import this module, and stay free of torch
+    from apr_cli.distill.pipeline import StepMetrics
 
 JSONL = "jsonl"  # metrics.jsonl, always written by the run directory
 SINKS = (JSONL, "tensorboard", "wandb")
