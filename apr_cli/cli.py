@@ -10,6 +10,7 @@ from apr_cli.commands.common import fail
 from apr_cli.commands.distill import distill
 from apr_cli.commands.eval import eval_model
 from apr_cli.commands.generate import generate
+from apr_cli.commands.humaneval import humaneval
 from apr_cli.commands.shards import app as shards_app
 from apr_cli.commands.train import train
 
@@ -30,6 +31,7 @@ app.command()(distill)
 app.command()(train)
 app.command(name="eval")(eval_model)
 app.command()(generate)
+app.command()(humaneval)
 app.add_typer(shards_app, name="shards")
 
 

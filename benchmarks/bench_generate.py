@@ -1,11 +1,16 @@
-"""Cached vs. uncached greedy generation, tokens/s in the same run (run by hand).
+"""Greedy generation, tokens/s in the same run (run by hand): cached vs. uncached, and batched.
 
-    python benchmarks/bench_generate.py [--prompt-lens 32,128,512] [--device cpu] [--compile]
+    python benchmarks/bench_generate.py [--prompt-lens 32,128,512] [--batch-sizes 1,4,16]
+                                        [--device cpu] [--compile]
 
 Uncached generation re-runs the whole prefix for every new token, so its cost grows with the
 sequence; the KV cache makes each step one token. The original tool reported 19x; target >= 10x.
 The ratio depends on the prompt length (the prefix each uncached step re-reads), so every run
 prints one line per prompt length.
+
+Batched generation decodes several prompts of different lengths at once (left-padded, as
+`apr humaneval` does); one line per batch size gives the total new tokens/s and the ratio to
+batch 1 (target: batch 16 >= 5x batch 1 on a CPU).
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ import time
 import torch
 
 from apr_cli.model.config import ModelConfig
-from apr_cli.model.generate import generate
+from apr_cli.model.generate import generate, generate_batch
 from apr_cli.model.qwen2 import build_model, count_parameters
 
 # A few layers at hidden 512: small enough for a CPU, big enough that a forward pass over the
@@ -62,11 +67,45 @@ def compare(model, prompt: torch.Tensor, new_tokens: int, repeats: int, compile:
     )
 
 
+def batch_lines(
+    model, sizes: list[int], prompt_len: int, new_tokens: int, repeats: int, compile: bool
+) -> list[str]:
+    """One line per batch size: new tokens/s over the whole batch and the ratio to the first."""
+    g = torch.Generator().manual_seed(1)
+    device = model.output_weight.device
+    # Mixed lengths (half to all of prompt_len), so the padding and the mask are exercised.
+    lengths = torch.randint(prompt_len // 2, prompt_len + 1, (max(sizes),), generator=g).tolist()
+    prompts = [
+        torch.randint(0, CONFIG.vocab_size, (int(n),), generator=g).tolist() for n in lengths
+    ]
+    best = dict.fromkeys(sizes, float("inf"))
+    for _ in range(repeats):  # alternate the sizes, so machine load skews the ratios less
+        for size in sizes:
+            generate_batch(model, prompts[:size], 4, compile=compile)  # warm-up
+            start = time.perf_counter()
+            generate_batch(model, prompts[:size], new_tokens, compile=compile)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            best[size] = min(best[size], time.perf_counter() - start)
+    rate = {size: size * new_tokens / seconds for size, seconds in best.items()}
+    return [
+        f"batch {size:3d}: {rate[size]:8.1f} new tokens/s, {rate[size] / rate[sizes[0]]:5.1f}x "
+        f"batch {sizes[0]} (prompts of {prompt_len // 2}..{prompt_len} tokens)"
+        for size in sizes
+    ]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--new-tokens", type=int, default=256)
     parser.add_argument(
         "--prompt-lens", default="32,128,512", help="comma-separated prompt lengths, one line each"
+    )
+    parser.add_argument(
+        "--batch-sizes", default="1,4,16", help="comma-separated batch sizes, one line each"
+    )
+    parser.add_argument(
+        "--batch-prompt-len", type=int, default=128, help="longest prompt of the batch lines"
     )
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--compile", action="store_true", help="torch.compile both (warm-up pays)")
@@ -89,10 +128,16 @@ def main() -> None:
         f"{', compiled' if args.compile else ''}"
     )
     g = torch.Generator().manual_seed(0)
-    for prompt_len in (int(x) for x in args.prompt_lens.split(",")):
+    for prompt_len in (int(x) for x in args.prompt_lens.split(",") if x):
         prompt = torch.randint(0, CONFIG.vocab_size, (1, prompt_len), generator=g)
         line = compare(model, prompt.to(args.device), args.new_tokens, args.repeats, args.compile)
         print(line, flush=True)
+    sizes = [int(x) for x in args.batch_sizes.split(",") if x]
+    if sizes:
+        lines = batch_lines(
+            model, sizes, args.batch_prompt_len, args.new_tokens, args.repeats, args.compile
+        )
+        print("\n".join(lines), flush=True)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ from apr_cli.data.tokenizer import ByteTokenizer, train_bpe
 from apr_cli.errors import AprError
 from apr_cli.model.checkpoint import load_model, save_model
 from apr_cli.model.config import ModelConfig
-from apr_cli.model.generate import generate, next_token
+from apr_cli.model.generate import Stop, generate, generate_batch, next_token
 from apr_cli.model.qwen2 import KVCache, build_model
 
 CFG = ModelConfig(
@@ -214,3 +214,33 @@ def test_compiled_generation_matches_eager_and_does_not_recompile(model):
     generate(model, prompts(2, 5), 20, compile=True)
     generate(model, prompts(2, 5), 20, compile=True, use_cache=False)
     assert counters["stats"]["unique_graphs"] == graphs
+
+
+def test_batched_greedy_equals_each_prompt_alone(model):
+    g = torch.Generator().manual_seed(5)
+    batch = [torch.randint(0, CFG.vocab_size, (n,), generator=g).tolist() for n in (3, 17, 1, 9)]
+    together = generate_batch(model, batch, 24)
+    alone = [generate(model, torch.tensor([p]), 24)[0].tolist() for p in batch]
+    assert together == alone
+    assert len({tuple(row) for row in together}) == 4  # distinct rows: the check means something
+
+
+def test_each_row_stops_on_its_own(model):
+    batch = [[5, 17, 42], [8, 1], [100, 3, 3, 9]]
+    free = generate_batch(model, batch, 30)
+    eos = free[1][4]  # a token row 1 produces, so it ends there; the others run on
+    stopped = generate_batch(model, batch, 30, stop=Stop(eos_ids=frozenset({eos})))
+    for full, row in zip(free, stopped):
+        cut = full.index(eos) if eos in full else len(full)
+        assert row == full[:cut]
+    assert len(stopped[1]) <= 4 < max(len(r) for r in stopped)
+
+
+def test_stop_text_ends_a_row_with_the_token_that_completes_it(model):
+    tok = ByteTokenizer()
+    batch = [[5, 17, 42], [8, 1]]
+    free = generate_batch(model, batch, 40)
+    text = tok.decode(free[0][6:8])  # two bytes row 0 produces after its sixth token
+    stopped = generate_batch(model, batch, 40, stop=Stop(texts=(text,), decode=tok.decode))
+    assert stopped[0] == free[0][: len(stopped[0])] and text in tok.decode(stopped[0])
+    assert text not in tok.decode(stopped[0][:-1])

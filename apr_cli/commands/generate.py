@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import torch
 import typer
@@ -12,6 +12,10 @@ import typer
 from apr_cli.commands.common import user_errors
 from apr_cli.distill.backend import resolve_device
 from apr_cli.errors import AprError
+
+if TYPE_CHECKING:
+    from apr_cli.data.tokenizer import TextTokenizer
+    from apr_cli.model.qwen2 import Qwen2ForCausalLM
 
 PROMPT = "Prompt"
 SAMPLING = "Sampling"
@@ -27,6 +31,27 @@ def parse_ids(value: str) -> list[int]:
     if not ids:
         raise AprError("--prompt-ids: no ids given")
     return ids
+
+
+def load_model_and_tokenizer(
+    model: str, tokenizer: str | None, device: torch.device, seed: int
+) -> tuple[Qwen2ForCausalLM, TextTokenizer | None]:
+    """The model, and its tokenizer: `tokenizer` or else the model folder's tokenizer.json."""
+    from apr_cli.data.tokenizer import load_tokenizer
+    from apr_cli.model.checkpoint import load_model
+
+    net, info = load_model(model, device=device, seed=seed)
+    if tokenizer is None and info["path"] and (Path(info["path"]) / "tokenizer.json").is_file():
+        tokenizer = str(Path(info["path"]) / "tokenizer.json")
+    if tokenizer is None:
+        return net, None
+    tok = load_tokenizer(tokenizer)
+    if tok.vocab_size > net.config.vocab_size:
+        raise AprError(
+            f"--tokenizer {tokenizer}: {tok.vocab_size} tokens, more than the model's "
+            f"vocab {net.config.vocab_size}; they were not made for each other"
+        )
+    return net, tok
 
 
 def generate(
@@ -82,26 +107,13 @@ def generate(
     ] = False,
 ) -> None:
     """Generate tokens after a prompt and print their ids (and text, with a tokenizer)."""
-    from apr_cli.model.checkpoint import load_model
     from apr_cli.model.generate import generate as generate_tokens
 
     with user_errors():
         if (prompt_ids is None) == (prompt is None):
             raise AprError("give exactly one of --prompt-ids and --prompt")
         dev = resolve_device(device)
-        net, info = load_model(model, device=dev, seed=seed)
-        tok = None
-        if tokenizer is None and info["path"] and (Path(info["path"]) / "tokenizer.json").is_file():
-            tokenizer = str(Path(info["path"]) / "tokenizer.json")
-        if tokenizer is not None:
-            from apr_cli.data.tokenizer import load_tokenizer
-
-            tok = load_tokenizer(tokenizer)
-            if tok.vocab_size > net.config.vocab_size:
-                raise AprError(
-                    f"--tokenizer {tokenizer}: {tok.vocab_size} tokens, more than the model's "
-                    f"vocab {net.config.vocab_size}; they were not made for each other"
-                )
+        net, tok = load_model_and_tokenizer(model, tokenizer, dev, seed)
         if prompt is not None:
             if tok is None:
                 raise AprError(

@@ -40,17 +40,20 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.head_dim, bias=bias)
         self.o_proj = nn.Linear(self.n_head * self.head_dim, cfg.hidden_size, bias=False)
 
-    def forward(self, x, cos, signed_sin, cache: KVCache | None = None, start=0, layer=0):
+    def forward(
+        self, x, cos, signed_sin, cache: KVCache | None = None, start=0, layer=0, mask=None
+    ):
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, nh, T, hd)
         k = self.k_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
         v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, signed_sin), apply_rope(k, cos, signed_sin)
-        mask, causal = None, True
+        causal = mask is None
         if cache is not None:
             k, v = cache.update(layer, start, k, v)  # (B, nkv, start+T, hd)
             causal = False
-            if T > 1:  # queries sit at start..start+T-1; is_causal would align them to 0
+            # Queries sit at start..start+T-1; is_causal would align them to 0.
+            if T > 1 and mask is None:
                 q_pos = torch.arange(start, start + T, device=x.device)[:, None]
                 mask = torch.arange(k.shape[2], device=x.device)[None, :] <= q_pos
         y = F.scaled_dot_product_attention(
@@ -78,8 +81,9 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, cos, signed_sin, cache=None, start=0, layer=0):
-        x = x + self.self_attn(self.input_layernorm(x), cos, signed_sin, cache, start, layer)
+    def forward(self, x, cos, signed_sin, cache=None, start=0, layer=0, mask=None):
+        h = self.self_attn(self.input_layernorm(x), cos, signed_sin, cache, start, layer, mask)
+        x = x + h
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -136,21 +140,30 @@ class Qwen2ForCausalLM(nn.Module):
         return torch.cat((cos, cos), -1).to(dtype), torch.cat((-sin, sin), -1).to(dtype)
 
     def hidden_states(
-        self, input_ids: torch.Tensor, start: int = 0, cache: KVCache | None = None
+        self,
+        input_ids: torch.Tensor,
+        start: int = 0,
+        cache: KVCache | None = None,
+        positions: torch.Tensor | None = None,
+        mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Final-norm hidden states (B, T, hidden) of positions start..start+T-1.
+        """Final-norm hidden states (B, T, hidden) of cache slots start..start+T-1.
 
-        With a cache, keys and values of earlier positions come from it and this call's are
-        stored in it; without one, attention sees only these T positions.
+        With a cache, keys and values of earlier slots come from it and this call's are stored
+        in it; without one, attention sees only these T positions. A batch of left-padded rows
+        (batched generation) gives each row's RoPE `positions` (B, T) and the attention `mask`
+        (B, 1, T, start+T), True where a query may see a key; both need the cache.
         """
         x = self.model.embed_tokens(input_ids)  # (B, T, C)
         T = input_ids.shape[1]
-        if cache is not None:
+        if positions is not None:
+            cos, signed_sin = cache.cos[positions][:, None], cache.signed_sin[positions][:, None]
+        elif cache is not None:
             cos, signed_sin = cache.cos[start : start + T], cache.signed_sin[start : start + T]
         else:
             cos, signed_sin = self.rope(start, T, x.dtype, x.device)
         for i, block in enumerate(self.model.layers):
-            x = block(x, cos, signed_sin, cache, start, i)  # i: the block's slot in the cache
+            x = block(x, cos, signed_sin, cache, start, i, mask)  # i: the block's cache slot
         return self.model.norm(x)
 
     def forward(
