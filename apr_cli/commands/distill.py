@@ -14,6 +14,7 @@ from apr_cli.commands.options import (
     Compile,
     Dataset,
     Device,
+    Dtype,
     EvalEvery,
     EvalWindows,
     Fsdp,
@@ -88,6 +89,7 @@ def distill(
     weight_decay: WeightDecay = TrainConfig.weight_decay,
     seed: Seed = TrainConfig.seed,
     device: Device = DistillOptions.device,
+    dtype: Dtype = DistillOptions.dtype,
     loss: Annotated[
         str,
         typer.Option(help=f"KD divergence: {', '.join(LOSS_KINDS)}.", rich_help_panel=LOSS),
@@ -132,6 +134,7 @@ def distill(
         dataset=dataset,
         shuffle=shuffle,
         device=device,
+        dtype=dtype,
         teacher_warmup=teacher_warmup,
         save_every=save_every,
         fsdp=fsdp,

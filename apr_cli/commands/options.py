@@ -61,7 +61,14 @@ Seed = Annotated[
 Device = Annotated[
     str,
     typer.Option(
-        help="auto (CUDA with bf16 when available, else CPU), cuda or cpu.",
+        help="auto (CUDA when available, else CPU), cuda or cpu.", rich_help_panel=TRAINING
+    ),
+]
+Dtype = Annotated[
+    str,
+    typer.Option(
+        help="Matmul precision: auto (bf16 on CUDA and on CPUs with AMX bf16 units, else fp32), "
+        "bf16 or fp32. The loss, master weights and optimizer state stay fp32.",
         rich_help_panel=TRAINING,
     ),
 ]

@@ -25,6 +25,7 @@ class DistillOptions:
     dataset: Path | None = None
     shuffle: bool = False  # read --dataset windows in a seeded random order per epoch
     device: str = "auto"
+    dtype: str = "auto"  # matmul dtype: auto (bf16 on CUDA and AMX CPUs, else fp32), bf16, fp32
     teacher_warmup: int | None = None  # None: PRESET_TEACHER_WARMUP for a preset teacher, else 0
     save_every: int = 1000  # steps between checkpoints (one is always written at the end)
     fsdp: bool = False  # under torchrun: shard student and teacher (FSDP2) instead of DDP

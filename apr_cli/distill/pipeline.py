@@ -139,7 +139,7 @@ class Pipeline:
         parallel: str = "ddp",
     ):
         self.config = config
-        self.backend = backend or select_backend("cpu")
+        self.backend = backend or select_backend("cpu", "fp32")
         device, world = self.backend.device, self.backend.world_size
         self.student = student.to(device).train()
         self.teacher = teacher

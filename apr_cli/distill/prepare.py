@@ -58,7 +58,7 @@ def prepare(options: DistillOptions) -> Prepared:
     """Resolve and check everything a run needs, failing before any file is written."""
     options.validate()
     cfg = options.train
-    backend = select_backend(options.device)
+    backend = select_backend(options.device, options.dtype)
     seed_everything(cfg.seed)
     teacher, teacher_info = None, None
     if options.teacher is not None:
@@ -153,9 +153,10 @@ def estimate_memory(p: Prepared) -> dict[str, int]:
     student_states = count_parameters(p.student) * 16  # weights, grads, two moments, fp32
     # ~16 saved tensors of width hidden per layer and token, for backward.
     activations = tokens * s.hidden_size * s.num_hidden_layers * 16 * act_bytes
-    # The chunked loss holds about nine (block, vocab) fp32 tensors, never the full logits.
-    block = min(cfg.loss_chunk or auto_chunk_tokens(vocab), tokens)
-    logits = block * vocab * 4 * 9
+    # The chunked loss holds four (block, vocab) fp32 buffers and, in bf16, one bf16 buffer.
+    matmul_dtype = p.backend.autocast_dtype or torch.float32
+    block = min(cfg.loss_chunk or auto_chunk_tokens(vocab, matmul_dtype), tokens)
+    logits = block * vocab * (4 * 4 + (2 if p.backend.autocast_dtype is not None else 0))
     total = teacher_weights + student_states + activations + logits
     return {
         "teacher_weights": teacher_weights,
