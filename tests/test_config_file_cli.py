@@ -55,8 +55,8 @@ def dataset(tmp_path_factory):
 @pytest.fixture(scope="module")
 def original(tmp_path_factory, dataset):
     out = tmp_path_factory.mktemp("runs") / "a"
-    r = apr("distill", *FAST, "--dataset", dataset, "--steps", 6, "--lr", 1e-3, "--shuffle",
-            "--seed", 3, "--out", out)  # fmt: skip
+    r = apr("distill", *FAST, "--dataset", dataset, "--steps", 6, "--lr", 1e-3, "--seed", 3,
+            "--out", out)  # fmt: skip
     assert r.exit_code == 0, r.output
     return out
 
@@ -64,7 +64,7 @@ def original(tmp_path_factory, dataset):
 @pytest.mark.slow
 def test_a_run_from_its_config_yaml_is_the_same_run(original, tmp_path):
     config = yaml.safe_load((original / "config.yaml").read_text())
-    assert config["steps"] == 6 and config["lr"] == 1e-3 and config["shuffle"] is True
+    assert config["steps"] == 6 and config["lr"] == 1e-3 and config["shuffle"] is False
     r = apr("distill", "--config", original / "config.yaml", "--out", tmp_path / "b")
     assert r.exit_code == 0, r.output
     assert losses(tmp_path / "b") == losses(original)
@@ -75,11 +75,11 @@ def test_a_run_from_its_config_yaml_is_the_same_run(original, tmp_path):
 
 @pytest.mark.slow
 def test_command_line_options_override_the_file(original, tmp_path):
-    r = apr("distill", "--config", original / "config.yaml", "--steps", 3, "--no-shuffle",
+    r = apr("distill", "--config", original / "config.yaml", "--steps", 3, "--shuffle",
             "--out", tmp_path / "c")  # fmt: skip
     assert r.exit_code == 0, r.output
     config = yaml.safe_load((tmp_path / "c" / "config.yaml").read_text())
-    assert config["steps"] == 3 and config["shuffle"] is False  # from the command line
+    assert config["steps"] == 3 and config["shuffle"] is True  # from the command line
     assert config["lr"] == 1e-3 and config["seed"] == 3  # from the file
     assert len(losses(tmp_path / "c")) == 3
 

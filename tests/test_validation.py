@@ -93,7 +93,10 @@ def test_validator_scores_the_same_windows_and_leaves_rng_and_modes_alone(val_so
     summary = v.summary()
     assert summary["best_step"] == 5 and summary["evals"] == 2
     assert summary["tokens"] == 10 * 16 and summary["final_val_loss"] == again["val_loss"]
-    assert v.points() == [(5, first["val_loss"]), (10, again["val_loss"])]
+    assert [(r["step"], r["val_loss"]) for r in v.history] == [
+        (5, first["val_loss"]),
+        (10, again["val_loss"]),
+    ]
     line = format_eval(first, 12, v.teacher_loss)
     assert line.startswith(f"eval  5/12 val_loss={first['val_loss']:.4f} kl_to_teacher=")
     assert line.endswith(f"(teacher val_loss={v.teacher_loss:.4f})")

@@ -14,13 +14,15 @@ from typer.testing import CliRunner
 from apr_cli.cli import app
 from apr_cli.data.shards import ShardBatchSource, write_shard
 from apr_cli.distill.backend import select_backend
-from apr_cli.distill.evaluate import score_windows, window_indices
+from apr_cli.distill.evaluate import evaluate, score_windows, window_indices
+from apr_cli.distill.plot import loss_figure
+from apr_cli.distill.rundir import RunDirectory
 from apr_cli.model.checkpoint import load_model
 from tests.test_sinks import tensorboard_scalars, wandb_records
 
 STEPS = 20
 FAST = ["--seq-len", "16", "--batch-size", "4", "--teacher-warmup", "5", "--device", "cpu",
-        "--steps", str(STEPS)]  # fmt: skip
+        "--dtype", "fp32", "--steps", str(STEPS)]  # fmt: skip
 EVALS = ["--eval-every", "5", "--eval-windows", "8"]
 
 
@@ -100,18 +102,29 @@ def test_eval_rows_log_lines_and_manifest_agree(runs, data):
 
 
 @pytest.mark.slow
-def test_last_eval_is_what_apr_eval_reports_and_best_student_is_kept(runs, data):
+def test_the_plot_shows_the_evals_as_points(runs):
+    _, watched, _ = runs
+    history = RunDirectory(watched).loss_history(with_teacher=True)
+    assert history.steps == list(range(1, STEPS + 1))  # eval rows are not steps
+    assert history.validation == [(r["step"], r["val_loss"]) for r in rows(watched, "eval")]
+    (line,) = [x for x in loss_figure(history).axes[0].lines if x.get_label() == "validation"]
+    assert list(line.get_xdata()) == [5, 10, 15, 20] and line.get_marker() == "o"
+    assert (watched / "loss.png").stat().st_size > 0
+
+
+@pytest.mark.slow
+def test_last_eval_is_what_apr_eval_computes_and_best_student_is_kept(runs, data):
     _, watched, _ = runs
     evals = rows(watched, "eval")
-    r = apr("eval", watched / "student-trained.apr", "--dataset", data / "val", "--seq-len", 16,
-            "--windows", 8, "--json")  # fmt: skip
-    assert r.exit_code == 0, r.output
-    assert json.loads(r.stdout)["loss"] == pytest.approx(evals[-1]["val_loss"], rel=1e-6)
+    fp32 = select_backend("cpu", "fp32")  # as the runs (FAST): the same arithmetic
+    trained, _ = load_model(str(watched / "student-trained.apr"))
+    report = evaluate(trained, ShardBatchSource(data / "val"), seq_len=16, windows=8, backend=fp32)
+    assert report.loss == pytest.approx(evals[-1]["val_loss"], rel=1e-6)
     # student-best.apr holds the student of the best eval: scoring it gives the best val loss.
     best, _ = load_model(str(watched / "student-best.apr"))
     source = ShardBatchSource(data / "val")
     scores = score_windows(best, source, window_indices(50, 8), seq_len=16, batch_size=4,
-                           backend=select_backend("cpu"))  # fmt: skip
+                           backend=fp32)  # fmt: skip
     assert scores.loss == pytest.approx(min(r["val_loss"] for r in evals), rel=1e-6)
 
 

@@ -35,14 +35,19 @@ from apr_cli.commands.options import (
     SeqLen,
     Shuffle,
     Steps,
+    Threads,
     ValDataset,
     Warmup,
     WeightDecay,
 )
 from apr_cli.commands.training import RunFlags, run_training
-from apr_cli.distill.losses import LOSS_KINDS
-from apr_cli.distill.options import DEFAULT_STUDENT, DEFAULT_TEACHER, DistillOptions
-from apr_cli.distill.pipeline import TrainConfig
+from apr_cli.distill.options import (
+    DEFAULT_STUDENT,
+    DEFAULT_TEACHER,
+    LOSS_KINDS,
+    DistillOptions,
+    TrainConfig,
+)
 
 
 def distill(
@@ -73,7 +78,8 @@ def distill(
         int | None,
         typer.Option(
             help="CE steps that train the teacher on the batches before distilling "
-            "[default: 50 for a preset teacher, which starts untrained; 0 otherwise].",
+            "(a preset teacher starts untrained).",
+            show_default="50 for a preset teacher, else 0",
             rich_help_panel=MODELS,
         ),
     ] = None,
@@ -112,6 +118,7 @@ def distill(
     loss_chunk: LossChunk = TrainConfig.loss_chunk,
     compile: Compile = False,
     fsdp: Fsdp = False,
+    threads: Threads = DistillOptions.threads,
     out: Out = None,
     resume: Resume = None,
     val_dataset: ValDataset = None,
@@ -144,6 +151,7 @@ def distill(
         eval_windows=eval_windows,
         keep_best=keep_best,
         report_to=report_to,
+        threads=threads,
         train=TrainConfig(
             steps=steps,
             batch_size=batch_size,

@@ -34,13 +34,13 @@ from apr_cli.commands.options import (
     SeqLen,
     Shuffle,
     Steps,
+    Threads,
     ValDataset,
     Warmup,
     WeightDecay,
 )
 from apr_cli.commands.training import RunFlags, run_training
-from apr_cli.distill.options import DEFAULT_STUDENT, DistillOptions
-from apr_cli.distill.pipeline import TrainConfig
+from apr_cli.distill.options import DEFAULT_STUDENT, DistillOptions, TrainConfig
 
 
 def train(
@@ -69,6 +69,7 @@ def train(
     loss_chunk: LossChunk = TrainConfig.loss_chunk,
     compile: Compile = False,
     fsdp: Fsdp = False,
+    threads: Threads = DistillOptions.threads,
     out: Out = None,
     resume: Resume = None,
     val_dataset: ValDataset = None,
@@ -102,6 +103,7 @@ def train(
         eval_windows=eval_windows,
         keep_best=keep_best,
         report_to=report_to,
+        threads=threads,
         train=TrainConfig(
             steps=steps,
             batch_size=batch_size,

@@ -8,8 +8,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from apr_cli.distill.options import LOSS_KINDS
+
 IGNORE_INDEX = -100
-LOSS_KINDS = ("forward-kl", "reverse-kl", "jsd")
 
 
 @dataclass(frozen=True)

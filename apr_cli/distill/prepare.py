@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -13,7 +14,7 @@ from apr_cli.data.source import BatchSource, SyntheticBatchSource
 from apr_cli.distill.backend import Backend, seed_everything, select_backend
 from apr_cli.distill.losses import auto_chunk_tokens
 from apr_cli.distill.options import DistillOptions
-from apr_cli.distill.pipeline import Pipeline, TrainConfig
+from apr_cli.distill.pipeline import Pipeline, StepMetrics, TrainConfig
 from apr_cli.distill.sinks import check_installed, parse_report_to
 from apr_cli.errors import AprError
 from apr_cli.model.checkpoint import init_student_from_teacher, load_model, parse_teacher_layers
@@ -54,9 +55,24 @@ class Prepared:
         return "Training" if self.teacher is None else "Distillation"
 
 
+def set_threads(requested: int) -> None:
+    """--threads N; else OMP_NUM_THREADS if the user set it; else one thread per core this
+    process may use, shared among torchrun's ranks on this host.
+
+    With idle threads sleeping (OMP_WAIT_POLICY=PASSIVE, set by `apr`), that stays fast when
+    other jobs hold some of the cores: benchmarks/bench_threads.py, docs/performance.md.
+    """
+    if requested:
+        torch.set_num_threads(requested)
+    elif "OMP_NUM_THREADS" not in os.environ:
+        ranks_here = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // ranks_here))
+
+
 def prepare(options: DistillOptions) -> Prepared:
     """Resolve and check everything a run needs, failing before any file is written."""
     options.validate()
+    set_threads(options.threads)
     cfg = options.train
     backend = select_backend(options.device, options.dtype)
     seed_everything(cfg.seed)
@@ -184,6 +200,17 @@ def plan(p: Prepared) -> dict[str, Any]:
     }
 
 
+class WarmupProgress:
+    """A line every tenth of the warm-up, so the phase is never silent for long."""
+
+    def __init__(self, emit: Callable[[str], None]):
+        self.emit = emit
+
+    def on_step(self, m: StepMetrics) -> None:
+        if m.step % max(1, m.steps // 10) == 0:
+            self.emit(f"teacher warm-up: step {m.step}/{m.steps} loss={m.loss:.4f}")
+
+
 def warm_up_teacher(p: Prepared, emit: Callable[[str], None]) -> dict[str, Any] | None:
     """Train a preset teacher with CE on the run's batches, then rewind the source."""
     steps = p.teacher_warmup
@@ -201,7 +228,11 @@ def warm_up_teacher(p: Prepared, emit: Callable[[str], None]) -> dict[str, Any] 
     )
     # The teacher is trained in fp32 and frozen afterwards by the distillation pipeline.
     p.teacher.float().train().requires_grad_(True)
-    result = Pipeline(p.teacher, None, warm_cfg, p.source, p.backend).train()
+    emit(
+        f"teacher warm-up: training the untrained preset teacher for {steps} CE steps first "
+        "(--teacher-warmup 0 skips it)"
+    )
+    result = Pipeline(p.teacher, None, warm_cfg, p.source, p.backend).train(WarmupProgress(emit))
     p.teacher.to(p.backend.teacher_dtype)
     p.source.reset()
     emit(

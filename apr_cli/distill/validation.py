@@ -94,10 +94,6 @@ class Validator:
     def best(self) -> dict[str, Any]:
         return min(self.history, key=lambda r: r["val_loss"])
 
-    def points(self) -> list[tuple[int, float]]:
-        """(step, val loss) of every eval, for the loss plot."""
-        return [(r["step"], r["val_loss"]) for r in self.history]
-
     def summary(self) -> dict[str, Any]:
         """The manifest's `validation` entry."""
         summary: dict[str, Any] = {

@@ -105,9 +105,6 @@ class RunWatch:
         """The manifest's `validation` entry (empty without --val-dataset)."""
         return {} if self.validator is None else {"validation": self.validator.summary()}
 
-    def val_points(self) -> list[tuple[int, float]]:
-        return [] if self.validator is None else self.validator.points()
-
     def close(self) -> None:
         for sink in self.sinks:
             sink.close()
