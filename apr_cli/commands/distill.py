@@ -7,6 +7,7 @@ from typing import Annotated
 
 import typer
 
+from apr_cli.commands.config_option import ConfigFile
 from apr_cli.commands.options import (
     LOSS,
     MODELS,
@@ -15,16 +16,20 @@ from apr_cli.commands.options import (
     Dataset,
     Device,
     Dtype,
+    EvalEvery,
+    EvalWindows,
     Fsdp,
     GradAccum,
     GradClip,
     JsonOutput,
+    KeepBest,
     KeepCheckpoints,
     LossChunk,
     Lr,
     Out,
     Overwrite,
     PlanOnly,
+    ReportTo,
     Resume,
     SaveEvery,
     Seed,
@@ -32,6 +37,7 @@ from apr_cli.commands.options import (
     Shuffle,
     Steps,
     Threads,
+    ValDataset,
     Warmup,
     WeightDecay,
 )
@@ -123,11 +129,17 @@ def distill(
         typer.Option(help="JSD mixture weight (--loss jsd), in (0, 1).", rich_help_panel=LOSS),
     ] = TrainConfig.beta,
     loss_chunk: LossChunk = TrainConfig.loss_chunk,
-    compile_models: Compile = False,
+    compile: Compile = False,
     fsdp: Fsdp = False,
     threads: Threads = DistillOptions.threads,
     out: Out = None,
     resume: Resume = None,
+    val_dataset: ValDataset = None,
+    eval_every: EvalEvery = DistillOptions.eval_every,
+    eval_windows: EvalWindows = DistillOptions.eval_windows,
+    keep_best: KeepBest = False,
+    report_to: ReportTo = DistillOptions.report_to,
+    config: ConfigFile(DistillOptions(), "distill") = None,
     save_every: SaveEvery = DistillOptions.save_every,
     keep_checkpoints: KeepCheckpoints = DistillOptions.keep_checkpoints,
     overwrite: Overwrite = False,
@@ -150,6 +162,11 @@ def distill(
         save_every=save_every,
         fsdp=fsdp,
         keep_checkpoints=keep_checkpoints,
+        val_dataset=val_dataset,
+        eval_every=eval_every,
+        eval_windows=eval_windows,
+        keep_best=keep_best,
+        report_to=report_to,
         threads=threads,
         train=TrainConfig(
             steps=steps,
@@ -166,7 +183,7 @@ def distill(
             beta=beta,
             seed=seed,
             loss_chunk=loss_chunk,
-            compile=compile_models,
+            compile=compile,
         ),
     )
     flags = RunFlags(out, resume, overwrite, plan_only, json_output)

@@ -10,6 +10,7 @@ from dataclasses import asdict, dataclass, field, fields, is_dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from apr_cli.distill.sinks import JSONL, parse_report_to
 from apr_cli.errors import AprError
 
 DEFAULT_TEACHER = "tiny-teacher"
@@ -98,19 +99,24 @@ class DistillOptions:
     save_every: int = 1000  # steps between checkpoints (one is always written at the end)
     fsdp: bool = False  # under torchrun: shard student and teacher (FSDP2) instead of DDP
     keep_checkpoints: int = 2
+    val_dataset: Path | None = None  # held-out shards scored during training
+    eval_every: int = 0  # steps between evals; 0: after the last step only
+    eval_windows: int = DEFAULT_WINDOWS  # val windows scored, the same each time; 0: all
+    keep_best: bool = False  # keep the student with the lowest val loss
+    report_to: str = JSONL  # comma-separated sinks; metrics.jsonl is always written
     threads: int = 0  # CPU threads for torch; 0: the cores this process may use, split over ranks
     train: TrainConfig = field(default_factory=TrainConfig)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
-        for name in ("dataset", "teacher_cache"):
+        for name in ("dataset", "val_dataset", "teacher_cache"):
             d[name] = None if d[name] is None else str(d[name])
         return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> DistillOptions:
         fields = {**d, "train": TrainConfig(**d["train"])}
-        for name in ("dataset", "teacher_cache"):
+        for name in ("dataset", "val_dataset", "teacher_cache"):  # absent from older runs
             fields[name] = None if d.get(name) is None else Path(d[name])
         return cls(**fields)
 
@@ -132,6 +138,14 @@ class DistillOptions:
             if self.teacher_warmup or self.student_init is not None:
                 flag = "--student-init" if self.student_init else "--teacher-warmup"
                 raise AprError(f"{flag} needs a teacher model, not --teacher-cache")
+        if self.eval_every < 0:
+            raise AprError(f"--eval-every must be >= 0, got {self.eval_every}")
+        if self.eval_windows < 0:
+            raise AprError(f"--eval-windows must be >= 0, got {self.eval_windows}")
+        if self.val_dataset is None and (self.eval_every or self.keep_best):
+            flag = "--eval-every" if self.eval_every else "--keep-best"
+            raise AprError(f"{flag} needs --val-dataset")
+        parse_report_to(self.report_to)
 
 
 # Fields a resumed run may change: they do not change what the student learns. A test checks
@@ -145,6 +159,7 @@ RESUMABLE_CHANGES = frozenset(
         "loss_chunk",
         "compile",
         "fsdp",
+        "report_to",
         "threads",
     }
 )

@@ -9,11 +9,13 @@ from typing import Any
 
 import torch
 
+from apr_cli.data.shards import ShardBatchSource
 from apr_cli.data.source import BatchSource, SyntheticBatchSource
 from apr_cli.distill.backend import Backend, seed_everything, select_backend
 from apr_cli.distill.losses import auto_chunk_tokens
 from apr_cli.distill.options import DistillOptions
 from apr_cli.distill.pipeline import Pipeline, StepMetrics, TrainConfig
+from apr_cli.distill.sinks import check_installed, parse_report_to
 from apr_cli.errors import AprError
 from apr_cli.model.checkpoint import init_student_from_teacher, load_model, parse_teacher_layers
 from apr_cli.model.qwen2 import Qwen2ForCausalLM, count_parameters
@@ -39,6 +41,7 @@ class Prepared:
     vocab_size: int  # rows both models share; data ids must stay below it
     warnings: list[str]
     teacher_cache: TeacherCache | None = None  # stands in for the teacher model
+    val_source: ShardBatchSource | None = None  # --val-dataset
 
     @property
     def teacher_warmup(self) -> int:
@@ -123,8 +126,6 @@ def prepare(options: DistillOptions, plan_only: bool = False) -> Prepared:
             f"x world size {backend.world_size}"
         )
     if options.dataset is not None:
-        from apr_cli.data.shards import ShardBatchSource
-
         source: BatchSource = ShardBatchSource(
             options.dataset,
             vocab_size=vocab,
@@ -140,6 +141,11 @@ def prepare(options: DistillOptions, plan_only: bool = False) -> Prepared:
             cache.check_run(options.dataset, cfg.seq_len, cfg.temperature, needed)
     else:
         source = SyntheticBatchSource(vocab, rank=backend.rank, world_size=backend.world_size)
+    val_source = None
+    if options.val_dataset is not None:
+        val_source = ShardBatchSource(options.val_dataset, vocab_size=vocab)
+        val_source.check_seq_len(cfg.seq_len)
+    check_installed(parse_report_to(options.report_to))
     warnings = []
     if teacher is not None and same_model(teacher, student, teacher_info, student_info):
         warnings.append(
@@ -156,6 +162,7 @@ def prepare(options: DistillOptions, plan_only: bool = False) -> Prepared:
         vocab,
         warnings,
         cache,
+        val_source,
     )
 
 

@@ -11,6 +11,7 @@ from typing import Any
 import torch
 
 from apr_cli.distill.checkpoints import load_latest_checkpoint
+from apr_cli.distill.config_file import CONFIG_FILE, write_config
 from apr_cli.distill.options import DistillOptions, resumed_options
 from apr_cli.distill.parallel import any_rank
 from apr_cli.distill.pipeline import Pipeline
@@ -26,6 +27,7 @@ from apr_cli.distill.reporting import (
 )
 from apr_cli.distill.rundir import LOSS_PLOT, RunDirectory, utc_now
 from apr_cli.distill.signals import RunInterrupted, StopSignals
+from apr_cli.distill.watch import RunWatch
 from apr_cli.errors import AprError
 from apr_cli.model.checkpoint import save_model
 from apr_cli.model.config import ModelConfig
@@ -50,6 +52,8 @@ def start(
         "artifacts": run.artifact_paths(),
     }
     run.write_manifest(manifest)
+    if run.writable:
+        write_config(run.path / CONFIG_FILE, p.options)
 
     def emit_and_log(line: str) -> None:
         emit(line)
@@ -131,10 +135,12 @@ def resume(
     for key in ("error", "finished_at"):
         manifest.pop(key, None)
     run.write_manifest(manifest)
+    if run.writable:
+        write_config(run.path / CONFIG_FILE, options)
     for line in (dataset_line(options), f"resumed from {path.name} (step {step})"):
         emit(line)
         run.log(line)
-    return p, run, manifest, checkpoint["pipeline"]
+    return p, run, manifest, checkpoint
 
 
 def train_run(
@@ -146,7 +152,7 @@ def train_run(
     emit: Emit = print,
     on_progress: Callable[[], None] | None = None,
 ) -> dict[str, Any]:
-    """Train to the last step (from `state` when resuming), save, and finalize the manifest."""
+    """Train to the last step (from checkpoint `state` on resume), save, finalize the manifest."""
     emit = main_only(emit, p)
     pipeline = Pipeline(
         p.student,
@@ -158,10 +164,20 @@ def train_run(
         teacher_cache=p.teacher_cache,
     )
     if state is not None:
-        pipeline.load_state_dict(state)
-    reporter = RunReporter(run, pipeline, p.options, emit, on_progress)
-    stop = StopSignals()
+        pipeline.load_state_dict(state["pipeline"])
+    stop, watch = StopSignals(), None
     try:
+        resumed_at = None if state is None else pipeline.step
+        watch = RunWatch.open(
+            p,
+            run,
+            started_at=manifest["started_at"],
+            resumed_at=resumed_at,
+            save_student=save_student,
+        )
+        if state is not None:
+            watch.load_state_dict(state.get("validation"))
+        reporter = RunReporter(run, pipeline, p.options, emit, on_progress, watch)
         with stop.installed():
             result = pipeline.train(
                 reporter, should_stop=lambda: any_rank(stop.requested(), p.backend)
@@ -170,17 +186,19 @@ def train_run(
             if stop.signum is not None:
                 command = "train" if p.teacher is None else "distill"
                 raise RunInterrupted(stop.signum, run.path, pipeline.step, command)
-        weights = pipeline.student_state()  # collective: gathers shards under FSDP2
+        save_student(pipeline, run.student_dir)
         if run.writable:
-            save_model(model_from_state(p.student.config, weights), run.student_dir)
             write_loss_plot(run.path / LOSS_PLOT, run.loss_history(p.teacher is not None))
     except BaseException as e:
         if pipeline.losses and run.writable:
-            manifest.update(summary(pipeline.result()))
+            manifest.update(summary(pipeline.result()), **watched(watch))
             write_loss_plot(run.path / LOSS_PLOT, run.loss_history(p.teacher is not None))
         finish_failed(run, manifest, e, steps_completed=pipeline.step)
         raise
-    manifest.update(status="completed", finished_at=utc_now(), **summary(result))
+    finally:
+        if watch is not None:
+            watch.close()
+    manifest.update(status="completed", finished_at=utc_now(), **summary(result), **watched(watch))
     run.write_manifest(manifest)
     final = (
         f"{p.verb} complete: initial_loss={result.initial_loss:.4f} -> "
@@ -190,6 +208,18 @@ def train_run(
         emit(line)
         run.log(line)
     return manifest
+
+
+def save_student(pipeline: Pipeline, path: Path) -> None:
+    """Save the student as a model folder (collective: every rank calls; rank 0 writes)."""
+    weights = pipeline.student_state()  # gathers shards under FSDP2
+    if pipeline.backend.is_main:
+        save_model(model_from_state(pipeline.student.config, weights), path)
+
+
+def watched(watch: RunWatch | None) -> dict[str, Any]:
+    """The manifest's entries from the watch (none when it never opened)."""
+    return {} if watch is None else watch.summary()
 
 
 def model_from_state(config: ModelConfig, state: dict[str, torch.Tensor]) -> Qwen2ForCausalLM:

@@ -28,6 +28,10 @@ ARTIFACTS = (
     STUDENT_DIR,
     "checkpoints",
     "teacher-warmed.apr",
+    "config.yaml",
+    "student-best.apr",
+    "tensorboard",
+    "wandb",
 )
 
 
@@ -164,26 +168,32 @@ class RunDirectory:
             atomic_write_bytes(metrics, "".join(kept).encode())
 
     def append_metrics(self, metrics: StepMetrics) -> None:
-        if not self.writable:
-            return
         record = asdict(metrics)
         record.pop("steps")
         if record["aux_loss"] is None:  # a dense student has no router
             record.pop("aux_loss")
+        self.append_record(record)
+
+    def append_record(self, record: dict[str, Any]) -> None:
+        """One JSON line in metrics.jsonl (a step, or an eval marked `"kind": "eval"`)."""
+        if not self.writable:
+            return
         with open(self.path / METRICS, "a") as f:
             f.write(json.dumps(record) + "\n")
 
     def loss_history(self, with_teacher: bool) -> LossHistory:
-        """The steps in metrics.jsonl and the resumes in the manifest, for loss.png."""
+        """The steps and evals in metrics.jsonl and the resumes in the manifest, for loss.png."""
         path = self.path / METRICS
         lines = path.read_text().splitlines() if path.exists() else []
-        records = [json.loads(line) for line in lines if step_of(line) != float("inf")]
+        rows = [json.loads(line) for line in lines if step_of(line) != float("inf")]
+        records = [r for r in rows if r.get("kind") != "eval"]
         resumed = (self.read_manifest() or {}).get("resumed", [])
         return LossHistory(
             steps=[r["step"] for r in records],
             loss=[r["loss"] for r in records],
             ce=[r["ce_loss"] for r in records],
             kd=[r["kd_loss"] for r in records] if with_teacher else None,
+            validation=[(r["step"], r["val_loss"]) for r in rows if r.get("kind") == "eval"],
             resumes=[r["from_step"] for r in resumed],
             title=f"{self.path.name}: loss per step",
         )
