@@ -35,10 +35,30 @@ class DistillOptions:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> DistillOptions:
-        fields = {**d, "train": TrainConfig(**d["train"])}
-        fields["dataset"] = None if d["dataset"] is None else Path(d["dataset"])
-        return cls(**fields)
+    def from_dict(cls, d: dict[str, Any], source: str = "options") -> DistillOptions:
+        """Options as `to_dict` wrote them; unknown or missing fields are refused by name."""
+        try:
+            fields = {**d, "train": TrainConfig(**d["train"])}
+            fields["dataset"] = None if d["dataset"] is None else Path(d["dataset"])
+            return cls(**fields)
+        except (KeyError, TypeError) as e:  # written by another version of apr, or edited
+            raise AprError(f"{source}: options this apr cannot use ({e})") from None
+
+    def absolute(self) -> DistillOptions:
+        """Local paths made absolute, so a resume from another directory finds the same files.
+
+        A teacher or student that names an existing folder is one (load_model looks there
+        first); presets and hub ids stay as given.
+        """
+
+        def local(spec: str | None) -> str | None:
+            is_dir = spec is not None and Path(spec).expanduser().is_dir()
+            return str(Path(spec).expanduser().resolve()) if is_dir else spec
+
+        dataset = None if self.dataset is None else self.dataset.expanduser().resolve()
+        return replace(
+            self, teacher=local(self.teacher), student=local(self.student), dataset=dataset
+        )
 
     def validate(self) -> None:
         self.train.validate()

@@ -51,13 +51,27 @@ class TrainConfig:
                 f"--batch-size {self.batch_size} is not a multiple of "
                 f"--grad-accum {self.grad_accum}",
             ),
-            (self.lr > 0 and math.isfinite(self.lr), f"--lr must be > 0, got {self.lr}"),
+            (0 < self.lr < math.inf, f"--lr must be > 0 and finite, got {self.lr}"),
+            (
+                0.0 <= self.min_lr_ratio <= 1.0,
+                f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}",
+            ),
             (self.warmup >= 0, f"--warmup must be >= 0, got {self.warmup}"),
-            (self.temperature > 0, f"--temperature must be > 0, got {self.temperature}"),
+            (
+                0 <= self.weight_decay < math.inf,
+                f"--weight-decay must be >= 0 and finite, got {self.weight_decay}",
+            ),
+            (
+                0 < self.temperature < math.inf,
+                f"--temperature must be > 0 and finite, got {self.temperature}",
+            ),
             (0.0 <= self.alpha <= 1.0, f"--alpha must be in [0, 1], got {self.alpha}"),
             (self.loss in LOSS_KINDS, f"--loss must be one of {', '.join(LOSS_KINDS)}"),
             (0.0 < self.beta < 1.0, f"--beta must be in (0, 1), got {self.beta}"),
-            (self.grad_clip > 0, f"--grad-clip must be > 0, got {self.grad_clip}"),
+            (
+                0 < self.grad_clip < math.inf,
+                f"--grad-clip must be > 0 and finite, got {self.grad_clip}",
+            ),
             (self.loss_chunk >= 0, f"--loss-chunk must be >= 0, got {self.loss_chunk}"),
         ]
         if max_seq_len is not None:

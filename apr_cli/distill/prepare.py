@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -53,8 +54,18 @@ class Prepared:
 
 def prepare(options: DistillOptions) -> Prepared:
     """Resolve and check everything a run needs, failing before any file is written."""
+    options = options.absolute()
     options.validate()
     cfg = options.train
+    # One step's token ids alone must fit in memory: a mistyped --batch-size would otherwise
+    # fail at step 1 with an allocator error, after the run directory was written.
+    ids_bytes = cfg.batch_size * (cfg.seq_len + 1) * 8  # (B, T+1) int64
+    if ids_bytes > physical_memory():
+        raise AprError(
+            f"--batch-size {cfg.batch_size} x --seq-len {cfg.seq_len}: the token ids alone need "
+            f"{ids_bytes / 2**30:,.0f} GiB, more than this machine's "
+            f"{physical_memory() / 2**30:,.0f} GiB of memory"
+        )
     backend = select_backend(options.device)
     seed_everything(cfg.seed)
     teacher, teacher_info = None, None
@@ -116,6 +127,11 @@ def prepare(options: DistillOptions) -> Prepared:
     return Prepared(
         options, backend, teacher, student, teacher_info, student_info, source, vocab, warnings
     )
+
+
+def physical_memory() -> int:
+    """Bytes of RAM in this machine."""
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
 def same_model(a: Qwen2ForCausalLM, b: Qwen2ForCausalLM, a_info: dict, b_info: dict) -> bool:
