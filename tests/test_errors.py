@@ -207,6 +207,7 @@ def test_a_second_run_into_a_locked_out_is_refused_naming_the_holder(capsys, tmp
 def test_hostile_config_values_are_refused(capsys, tmp_path, key, value):
     folder = model_dir(tmp_path)
     config = json.loads((folder / "config.json").read_text())
+    config.pop("head_dim")  # optional in Qwen2 configs; its own check would hide the others
     (folder / "config.json").write_text(json.dumps({**config, key: value}))
     code, _, err = apr(capsys, "distill", *FAST, "--teacher", folder, "--out", tmp_path / "out")
     assert code == 2
@@ -223,7 +224,10 @@ def test_a_billion_layers_is_refused_at_once_even_with_plan(tmp_path):
         resource.setrlimit(resource.RLIMIT_AS, (8 * 2**30, 8 * 2**30))
 
     proc = apr_process("distill", *FAST, "--teacher", folder, "--plan", preexec_fn=capped)
-    _, err = proc.communicate(timeout=120)
+    try:
+        _, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
     assert proc.returncode == 2
     assert "num_hidden_layers 1000000000" in one_line(err) and "1 layers" in err
 

@@ -31,3 +31,5 @@ def user_errors() -> Iterator[None]:
     except OSError as e:  # unreadable input, read-only --out, full disk: one line, no traceback
         error = from_os_error(e)
         raise fail(str(error), error.exit_code) from None
+    except KeyboardInterrupt:  # typer would exit 130 saying nothing
+        raise fail("interrupted by SIGINT", 130) from None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Callable
 from dataclasses import replace
@@ -60,14 +61,14 @@ def start(
         run.log(line)
 
     try:
-        run.write_manifest(manifest)
-        for line in (dataset_line(p.options), *p.warnings):
-            emit_and_log(line)
-        with warm_up_signals():
+        with warm_up_signals():  # before the first line: a signal right after it is handled
+            run.write_manifest(manifest)
+            for line in (dataset_line(p.options), *p.warnings):
+                emit_and_log(line)
             manifest["teacher_warmup"] = warm_up_teacher(p, emit_and_log)
-        if manifest["teacher_warmup"] is not None and run.writable:
-            # A resumed run must distill from this same teacher, not warm up a new one.
-            save_model(p.teacher, run.path / TEACHER_WARMED)
+            if manifest["teacher_warmup"] is not None and run.writable:
+                # A resumed run must distill from this same teacher, not warm up a new one.
+                save_model(p.teacher, run.path / TEACHER_WARMED)
     except BaseException as e:
         raise finish_failed(run, manifest, e, steps_completed=0) from None
     teacher = (
@@ -96,7 +97,8 @@ def resume(
     the result are refused. Every check runs before anything is written, so a refused resume
     leaves the run as it was.
     """
-    run = RunDirectory(run_dir)
+    # Under torchrun rank 0 alone writes, and locks before the process group is even joined.
+    run = RunDirectory(run_dir, writable=os.environ.get("RANK", "0") == "0")
     run.lock("--resume")
     try:
         p, manifest, path, checkpoint, skipped = check_resume(run, requested, defaults)
