@@ -109,6 +109,7 @@ def test_disk_full_at_start_is_one_line_exit_4(capsys, small_disk):
     assert "No space left on device" in one_line(err) and "dispatch.json" in err
 
 
+@pytest.mark.slow  # a second process
 def test_disk_full_mid_run_is_one_line_exit_4(tmp_path, small_disk):
     out = small_disk / "run"
     proc = apr_process("distill", *FAST[:-1], "100000", "--save-every", "0", "--out", out)
@@ -165,6 +166,7 @@ def test_disk_full_in_shards_build_is_one_line_exit_4(capsys, tmp_path, small_di
 # 2. One run at a time in a run directory: an OS lock that dies with its holder.
 
 
+@pytest.mark.slow  # a second process
 def test_a_second_run_into_a_locked_out_is_refused_naming_the_holder(capsys, tmp_path):
     out = completed_run(capsys, tmp_path)
     before = files(out)
@@ -215,6 +217,7 @@ def test_hostile_config_values_are_refused(capsys, tmp_path, key, value):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow  # a second process
 def test_a_billion_layers_is_refused_at_once_even_with_plan(tmp_path):
     folder = model_dir(tmp_path)
     config = json.loads((folder / "config.json").read_text())
@@ -328,6 +331,7 @@ def open_dir():
     shutil.rmtree(folder)
 
 
+@pytest.mark.slow  # a second process
 def test_unreadable_shard_is_one_line_as_a_user(open_dir):
     data = shards(open_dir, np.arange(2000) % 500)
     os.chmod(data, 0o755)
@@ -337,6 +341,7 @@ def test_unreadable_shard_is_one_line_as_a_user(open_dir):
     assert "a.bin" in one_line(proc.stderr) and "Permission denied" in proc.stderr
 
 
+@pytest.mark.slow  # a second process
 def test_out_under_a_read_only_folder_is_one_line_as_a_user(open_dir):
     locked = open_dir / "locked"
     locked.mkdir(mode=0o555)
@@ -479,6 +484,7 @@ def test_shards_build_refuses_an_out_that_holds_its_inputs(capsys, tmp_path):
     assert (src / "a.py").read_text() == "print(1)\n"
 
 
+@pytest.mark.slow  # a second process
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
 def test_a_signal_during_the_teacher_warm_up_says_what_happened(tmp_path, signum):
     out = tmp_path / "run"
