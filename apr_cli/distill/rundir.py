@@ -141,6 +141,8 @@ class RunDirectory:
 
         Only safe while holding the lock: another run's temporaries would be live.
         """
+        if not self.writable:
+            return  # another rank's: rank 0 may be writing them right now
         prefixes = tuple(f".{name}." for name in ARTIFACTS) + (".step-",)
         for folder in (self.path, self.path / CHECKPOINT_DIR):
             for entry in folder.iterdir() if folder.is_dir() else ():
