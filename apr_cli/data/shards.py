@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from apr_cli.errors import AprError
+from apr_cli.fsutil import naming
 
 # llm.c shard header: 256 little-endian int32, [magic, version, token count, unused...].
 LLMC_HEADER_INTS = 256
@@ -77,7 +78,11 @@ def read_shards(path: str | Path) -> list[Shard]:
     root = Path(path)
     if not root.is_dir():
         raise AprError(f"{root}: no such dataset directory")
-    files = sorted((p for p in root.iterdir() if p.suffix == ".bin" and p.is_file()), key=str)
+    files = sorted((p for p in root.iterdir() if p.suffix == ".bin"), key=str)
+    for p in files:
+        if not p.is_file():  # is_file follows links: False when dangling or looping
+            what = "a dangling or looping link" if p.is_symlink() else "not a regular file"
+            raise AprError(f"{p}: {what} (a .bin shard must be a file; move it out of {root})")
     if not files:
         splits = sorted(p.name for p in root.iterdir() if p.is_dir() and any(p.glob("*.bin")))
         hint = f" (its subdirectories {', '.join(splits)} have some: pass one)" if splits else ""
@@ -104,8 +109,9 @@ def write_shard(path: str | Path, tokens: Any, append: bool = False) -> None:
     ids = np.asarray(tokens)
     if ids.size and (ids.min() < 0 or ids.max() > np.iinfo(np.uint32).max):
         raise AprError(f"{path}: token ids must fit in uint32")
-    with open(path, "ab" if append else "wb") as f:
-        ids.astype(RAW_DTYPE).tofile(f)
+    # f.write, not tofile: numpy reports a full disk without the OS's errno or the file.
+    with naming(path), open(path, "ab" if append else "wb") as f:
+        f.write(np.ascontiguousarray(ids, dtype=RAW_DTYPE).data)
 
 
 def first_id_at_least(tokens: np.ndarray, limit: int) -> int | None:

@@ -50,13 +50,27 @@ class TrainConfig:
                 f"--batch-size {self.batch_size} is not a multiple of "
                 f"--grad-accum {self.grad_accum}",
             ),
-            (self.lr > 0 and math.isfinite(self.lr), f"--lr must be > 0, got {self.lr}"),
+            (0 < self.lr < math.inf, f"--lr must be > 0 and finite, got {self.lr}"),
+            (
+                0.0 <= self.min_lr_ratio <= 1.0,
+                f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}",
+            ),
             (self.warmup >= 0, f"--warmup must be >= 0, got {self.warmup}"),
-            (self.temperature > 0, f"--temperature must be > 0, got {self.temperature}"),
+            (
+                0 <= self.weight_decay < math.inf,
+                f"--weight-decay must be >= 0 and finite, got {self.weight_decay}",
+            ),
+            (
+                0 < self.temperature < math.inf,
+                f"--temperature must be > 0 and finite, got {self.temperature}",
+            ),
             (0.0 <= self.alpha <= 1.0, f"--alpha must be in [0, 1], got {self.alpha}"),
             (self.loss in LOSS_KINDS, f"--loss must be one of {', '.join(LOSS_KINDS)}"),
             (0.0 < self.beta < 1.0, f"--beta must be in (0, 1), got {self.beta}"),
-            (self.grad_clip > 0, f"--grad-clip must be > 0, got {self.grad_clip}"),
+            (
+                0 < self.grad_clip < math.inf,
+                f"--grad-clip must be > 0 and finite, got {self.grad_clip}",
+            ),
             (self.loss_chunk >= 0, f"--loss-chunk must be >= 0, got {self.loss_chunk}"),
         ]
         if max_seq_len is not None:
@@ -114,11 +128,38 @@ class DistillOptions:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> DistillOptions:
-        fields = {**d, "train": TrainConfig(**d["train"])}
-        for name in ("dataset", "val_dataset", "teacher_cache"):  # absent from older runs
-            fields[name] = None if d.get(name) is None else Path(d[name])
-        return cls(**fields)
+    def from_dict(cls, d: dict[str, Any], source: str = "options") -> DistillOptions:
+        """Options as `to_dict` wrote them; unknown or missing fields are refused by name."""
+        try:
+            fields = {**d, "train": TrainConfig(**d["train"])}
+            for name in ("dataset", "val_dataset", "teacher_cache"):  # absent from older runs
+                fields[name] = None if d.get(name) is None else Path(d[name])
+            return cls(**fields)
+        except (KeyError, TypeError) as e:  # written by another version of apr, or edited
+            raise AprError(f"{source}: options this apr cannot use ({e})") from None
+
+    def absolute(self) -> DistillOptions:
+        """Local paths made absolute, so a resume from another directory finds the same files.
+
+        A teacher or student that names an existing folder or file is one (load_model looks
+        there first); presets and hub ids stay as given.
+        """
+
+        def local(spec: str | None) -> str | None:
+            exists = spec is not None and Path(spec).expanduser().exists()
+            return str(Path(spec).expanduser().resolve()) if exists else spec
+
+        def path(p: Path | None) -> Path | None:
+            return None if p is None else p.expanduser().resolve()
+
+        return replace(
+            self,
+            teacher=local(self.teacher),
+            student=local(self.student),
+            dataset=path(self.dataset),
+            val_dataset=path(self.val_dataset),
+            teacher_cache=path(self.teacher_cache),
+        )
 
     def validate(self) -> None:
         self.train.validate()

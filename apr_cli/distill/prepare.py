@@ -77,9 +77,19 @@ def prepare(options: DistillOptions, plan_only: bool = False) -> Prepared:
     `plan_only` checks the models but builds them on the meta device: a plan for a 30B teacher
     reads no weights and needs no memory for them.
     """
+    options = options.absolute()
     options.validate()
     set_threads(options.threads)
     cfg = options.train
+    # One step's token ids alone must fit in memory: a mistyped --batch-size would otherwise
+    # fail at step 1 with an allocator error, after the run directory was written.
+    ids_bytes = cfg.batch_size * (cfg.seq_len + 1) * 8  # (B, T+1) int64
+    if ids_bytes > physical_memory():
+        raise AprError(
+            f"--batch-size {cfg.batch_size} x --seq-len {cfg.seq_len}: the token ids alone need "
+            f"{ids_bytes / 2**30:,.0f} GiB, more than this machine's "
+            f"{physical_memory() / 2**30:,.0f} GiB of memory"
+        )
     backend = select_backend(options.device, options.dtype)
     seed_everything(cfg.seed)
     device = torch.device("meta") if plan_only else backend.device
@@ -176,6 +186,11 @@ def cache_teacher_info(cache: TeacherCache) -> dict[str, Any]:
         "dtype": report["compute_dtype"],
         "cache": report,
     }
+
+
+def physical_memory() -> int:
+    """Bytes of RAM in this machine."""
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
 def same_model(a: Qwen2ForCausalLM, b: Qwen2ForCausalLM, a_info: dict, b_info: dict) -> bool:

@@ -97,6 +97,7 @@ def git_commit() -> str | None:
 def environment() -> dict[str, Any]:
     return {
         "command": sys.argv,
+        "cwd": os.getcwd(),  # where the command's relative paths were given from
         "apr_version": apr_cli.__version__,
         "torch_version": torch.__version__,
         "python_version": platform.python_version(),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Callable
 from dataclasses import replace
@@ -25,10 +26,15 @@ from apr_cli.distill.reporting import (
     main_only,
     summary,
 )
-from apr_cli.distill.rundir import LOSS_PLOT, RunDirectory, utc_now
-from apr_cli.distill.signals import RunInterrupted, StopSignals
+from apr_cli.distill.rundir import LOSS_PLOT, MANIFEST, VICTORY_LOG, RunDirectory, utc_now
+from apr_cli.distill.signals import (
+    RunInterrupted,
+    StopSignals,
+    WarmUpInterrupted,
+    warm_up_signals,
+)
 from apr_cli.distill.watch import RunWatch
-from apr_cli.errors import AprError
+from apr_cli.errors import AprError, from_os_error, os_reason
 from apr_cli.model.checkpoint import save_model
 from apr_cli.model.config import ModelConfig
 from apr_cli.model.qwen2 import Qwen2ForCausalLM
@@ -39,7 +45,7 @@ TEACHER_WARMED = "teacher-warmed.apr"
 def start(
     p: Prepared, out: Path, *, overwrite: bool = False, emit: Emit = print
 ) -> tuple[RunDirectory, dict[str, Any]]:
-    """Create the run directory and its manifest, and warm up a preset teacher."""
+    """Create (and lock) the run directory and its manifest, and warm up a preset teacher."""
     run = RunDirectory.create(out, overwrite=overwrite, writable=p.backend.is_main)
     emit = main_only(emit, p)
     manifest: dict[str, Any] = {
@@ -51,24 +57,24 @@ def start(
         **plan(p),
         "artifacts": run.artifact_paths(),
     }
-    run.write_manifest(manifest)
-    if run.writable:
-        write_config(run.path / CONFIG_FILE, p.options)
 
     def emit_and_log(line: str) -> None:
         emit(line)
         run.log(line)
 
-    for line in (dataset_line(p.options), *p.warnings):
-        emit_and_log(line)
     try:
-        manifest["teacher_warmup"] = warm_up_teacher(p, emit_and_log)
-        if manifest["teacher_warmup"] is not None and run.writable:
-            # A resumed run must distill from this same teacher, not warm up a new one.
-            save_model(p.teacher, run.path / TEACHER_WARMED)
+        with warm_up_signals():  # before the first line: a signal right after it is handled
+            run.write_manifest(manifest)
+            if run.writable:
+                write_config(run.path / CONFIG_FILE, p.options)
+            for line in (dataset_line(p.options), *p.warnings):
+                emit_and_log(line)
+            manifest["teacher_warmup"] = warm_up_teacher(p, emit_and_log)
+            if manifest["teacher_warmup"] is not None and run.writable:
+                # A resumed run must distill from this same teacher, not warm up a new one.
+                save_model(p.teacher, run.path / TEACHER_WARMED)
     except BaseException as e:
-        finish_failed(run, manifest, e, steps_completed=0)
-        raise
+        raise finish_failed(run, manifest, e, steps_completed=0) from None
     student = f"{p.student_info['spec']} ({p.student_info['parameters']:,} params)"
     models = (
         f"teacher: {p.teacher_info['spec']} ({p.teacher_info['parameters']:,} params) "
@@ -96,51 +102,81 @@ def resume(
     *,
     emit: Emit = print,
 ) -> tuple[Prepared, RunDirectory, dict[str, Any], dict[str, Any]]:
-    """Reopen a run at its newest checkpoint with the settings `requested` changed.
+    """Reopen (and lock) a run at its newest readable checkpoint with `requested`'s changes.
 
     A setting left at its command's `defaults` keeps the run's value; changes that would alter
-    the result are refused.
+    the result are refused. Every check runs before anything is written, so a refused resume
+    leaves the run as it was.
     """
-    run = RunDirectory(run_dir)
+    # Under torchrun rank 0 alone writes, and locks before the process group is even joined.
+    run = RunDirectory(run_dir, writable=os.environ.get("RANK", "0") == "0")
+    run.lock("--resume")
+    try:
+        p, manifest, path, checkpoint, skipped = check_resume(run, requested, defaults)
+    except BaseException:
+        run.unlock()
+        raise
+    run.writable = p.backend.is_main
+    emit = main_only(emit, p)
+    step = checkpoint["pipeline"]["step"]
+    try:
+        run.remove_temporaries()
+        lines = [dataset_line(p.options)]
+        for bad, reason in skipped:  # kept aside: a later save must not count it as newest
+            if run.writable:
+                bad.rename(bad.with_name(bad.name + ".corrupt"))
+            lines.append(
+                f"warning: checkpoint {bad.name} cannot be read ({reason}); "
+                f"resuming from {path.name} (kept as {bad.name}.corrupt)"
+            )
+        run.truncate_logs(checkpoint["log_bytes"], step)
+        manifest.update(
+            status="running",
+            options=p.options.to_dict(),
+            hyperparameters=p.options.train.to_dict(),
+            backend=p.backend.describe(),
+        )
+        manifest.setdefault("resumed", []).append(
+            {"from_step": step, "checkpoint": str(path), "at": utc_now(), "command": sys.argv}
+        )
+        for key in ("error", "finished_at"):
+            manifest.pop(key, None)
+        run.write_manifest(manifest)
+        if run.writable:
+            write_config(run.path / CONFIG_FILE, p.options)
+        for line in (*lines, f"resumed from {path.name} (step {step})"):
+            emit(line)
+            run.log(line)
+    except BaseException as e:
+        raise finish_failed(run, manifest, e, steps_completed=step) from None
+    return p, run, manifest, checkpoint
+
+
+def check_resume(
+    run: RunDirectory, requested: DistillOptions, defaults: DistillOptions
+) -> tuple[Prepared, dict[str, Any], Path, dict[str, Any], list[tuple[Path, str]]]:
+    """Everything a resume needs, read and checked; writes nothing."""
     manifest = run.read_manifest()
     if manifest is None or "options" not in manifest:
-        raise AprError(f"--resume {run_dir}: not a run directory (no readable dispatch.json)")
-    path, checkpoint = load_latest_checkpoint(run.path)
-    saved = DistillOptions.from_dict(checkpoint["options"])
-    options = resumed_options(saved, requested, defaults, run_dir)
+        raise AprError(f"--resume {run.path}: not a run directory (no readable dispatch.json)")
+    path, checkpoint, skipped = load_latest_checkpoint(run.path)
+    saved = DistillOptions.from_dict(checkpoint["options"], source=f"checkpoint {path}")
+    options = resumed_options(saved, requested.absolute(), defaults, run.path)
     step = checkpoint["pipeline"]["step"]
     if options.train.steps < step:
         raise AprError(f"--steps {options.train.steps} is below the checkpoint's step {step}")
     if options.train.steps == step and manifest.get("status") == "completed":
         raise NothingToResume(
-            f"--resume {run_dir}: the run completed all {step} steps; nothing changed "
+            f"--resume {run.path}: the run completed all {step} steps; nothing changed "
             f"(pass --steps N above {step} to train further)"
         )
     warmed = run.path / TEACHER_WARMED
     load = replace(options, teacher=str(warmed), teacher_warmup=0) if warmed.is_dir() else options
     p = prepare(load)
     p.options = options
-    run.writable = p.backend.is_main
-    emit = main_only(emit, p)
-    run.truncate_logs(checkpoint["log_bytes"], step)
-    manifest.update(
-        status="running",
-        options=options.to_dict(),
-        hyperparameters=options.train.to_dict(),
-        backend=p.backend.describe(),
-    )
-    manifest.setdefault("resumed", []).append(
-        {"from_step": step, "checkpoint": str(path), "at": utc_now(), "command": sys.argv}
-    )
-    for key in ("error", "finished_at"):
-        manifest.pop(key, None)
-    run.write_manifest(manifest)
-    if run.writable:
-        write_config(run.path / CONFIG_FILE, options)
-    for line in (dataset_line(options), f"resumed from {path.name} (step {step})"):
-        emit(line)
-        run.log(line)
-    return p, run, manifest, checkpoint
+    # The data must be where the checkpoint left it (e.g. no shard added since).
+    p.source.load_state_dict(checkpoint["pipeline"]["source"])
+    return p, manifest, path, checkpoint, skipped
 
 
 def train_run(
@@ -163,10 +199,10 @@ def train_run(
         parallel="fsdp" if p.options.fsdp else "ddp",
         teacher_cache=p.teacher_cache,
     )
-    if state is not None:
-        pipeline.load_state_dict(state["pipeline"])
     stop, watch = StopSignals(), None
     try:
+        if state is not None:
+            pipeline.load_state_dict(state["pipeline"])
         resumed_at = None if state is None else pipeline.step
         watch = RunWatch.open(
             p,
@@ -189,24 +225,26 @@ def train_run(
         save_student(pipeline, run.student_dir)
         if run.writable:
             write_loss_plot(run.path / LOSS_PLOT, run.loss_history(p.teacher is not None))
+        final = (
+            f"{p.verb} complete: initial_loss={result.initial_loss:.4f} -> "
+            f"final_loss={result.final_loss:.4f} ({result.steps} steps, {result.wall_s:.1f} s)"
+        )
+        for line in (final, f"Output: {run.path}"):
+            emit(line)
+            run.log(line)
+        manifest.update(
+            status="completed", finished_at=utc_now(), **summary(result), **watched(watch)
+        )
+        run.write_manifest(manifest)
     except BaseException as e:
         if pipeline.losses and run.writable:
             manifest.update(summary(pipeline.result()), **watched(watch))
-            write_loss_plot(run.path / LOSS_PLOT, run.loss_history(p.teacher is not None))
-        finish_failed(run, manifest, e, steps_completed=pipeline.step)
-        raise
+        plot = bool(pipeline.losses) and run.writable
+        raise finish_failed(run, manifest, e, pipeline.step, plot, p.teacher is not None) from None
     finally:
         if watch is not None:
             watch.close()
-    manifest.update(status="completed", finished_at=utc_now(), **summary(result), **watched(watch))
-    run.write_manifest(manifest)
-    final = (
-        f"{p.verb} complete: initial_loss={result.initial_loss:.4f} -> "
-        f"final_loss={result.final_loss:.4f} ({result.steps} steps, {result.wall_s:.1f} s)"
-    )
-    for line in (final, f"Output: {run.path}"):
-        emit(line)
-        run.log(line)
+    run.unlock()
     return manifest
 
 
@@ -231,15 +269,42 @@ def model_from_state(config: ModelConfig, state: dict[str, torch.Tensor]) -> Qwe
 
 
 def finish_failed(
-    run: RunDirectory, manifest: dict[str, Any], error: BaseException, steps_completed: int
-) -> None:
-    """Record why a run stopped early: interrupted by a signal, or failed."""
-    interrupted = isinstance(error, (RunInterrupted, KeyboardInterrupt))
+    run: RunDirectory,
+    manifest: dict[str, Any],
+    error: BaseException,
+    steps_completed: int,
+    plot: bool = False,
+    with_teacher: bool = True,
+) -> BaseException:
+    """Record why a run stopped early (interrupted or failed), unlock it; the error to raise.
+
+    Each record is best effort: on a full disk the first error is the one to report, and what
+    could not be recorded is added to its message.
+    """
+    interrupted = isinstance(error, (RunInterrupted, WarmUpInterrupted, KeyboardInterrupt))
+    if isinstance(error, OSError):
+        error = from_os_error(error)
     manifest.update(
         status="interrupted" if interrupted else "failed",
         error=str(error) or type(error).__name__,
         finished_at=utc_now(),
         steps_completed=steps_completed,
     )
-    run.write_manifest(manifest)
-    run.log(f"{manifest['status']}: {manifest['error']}")
+    unrecorded = []
+    records = [
+        (MANIFEST, lambda: run.write_manifest(manifest)),
+        (VICTORY_LOG, lambda: run.log(f"{manifest['status']}: {manifest['error']}")),
+    ]
+    if plot:
+        path = run.path / LOSS_PLOT
+        records.append((LOSS_PLOT, lambda: write_loss_plot(path, run.loss_history(with_teacher))))
+    for name, record in records:
+        try:
+            record()
+        except (OSError, AprError) as e:
+            unrecorded.append(f"{name} ({os_reason(e)})")
+    run.unlock()
+    if unrecorded and isinstance(error, AprError):
+        note = f"; could not record it in {', '.join(unrecorded)}"
+        return AprError(f"{error}{note}", error.exit_code)
+    return error

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
@@ -25,6 +26,45 @@ ARCHITECTURES = {
     "Qwen3ForCausalLM": Architecture("qwen3", attention_bias=False, qk_norm=True, moe=False),
     "Qwen3MoeForCausalLM": Architecture("qwen3_moe", attention_bias=False, qk_norm=True, moe=True),
 }
+# config.json fields we read, with their JSON type; sizes must be >= 1, floats finite and > 0.
+SIZE_FIELDS = (
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "max_position_embeddings",
+    "head_dim",
+)
+POSITIVE_FLOAT_FIELDS = ("rope_theta", "rms_norm_eps")
+BOOL_FIELDS = ("tie_word_embeddings", "attention_bias", "use_sliding_window", "mlp_bias")
+
+
+def validate_config(hf: dict[str, Any], source: str) -> None:
+    """Refuse a config.json value of the wrong type or range before any model is built.
+
+    Python's json reads NaN and Infinity, and int() would truncate 32.7: check the raw values.
+    """
+    for key in SIZE_FIELDS:
+        value = hf.get(key)
+        if value is not None and (type(value) is not int or value < 1):
+            raise AprError(f"{source}: {key} must be a positive integer, got {value!r}")
+    for key in POSITIVE_FLOAT_FIELDS:
+        value = hf.get(key)
+        is_number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if value is not None and not (is_number and 0 < value < math.inf):
+            raise AprError(f"{source}: {key} must be a finite number > 0, got {value!r}")
+    for key in BOOL_FIELDS:
+        value = hf.get(key)
+        if value is not None and not isinstance(value, bool):
+            raise AprError(f"{source}: {key} must be true or false, got {value!r}")
+    for key in ("torch_dtype", "dtype"):
+        value = hf.get(key)
+        if value is not None and not isinstance(value, str):
+            raise AprError(f"{source}: {key} must be a string, got {value!r}")
+    if not isinstance(hf.get("rope_parameters") or {}, dict):
+        raise AprError(f"{source}: rope_parameters must be an object")
 
 
 @dataclass(frozen=True)
@@ -101,8 +141,8 @@ class ModelConfig:
     def from_hf(cls, hf: dict[str, Any], source: str = "config.json") -> ModelConfig:
         """Read a Hugging Face config dict (any architecture in ARCHITECTURES)."""
         archs = hf.get("architectures") or ["Qwen2ForCausalLM"]
-        arch = archs[0]
-        if arch not in ARCHITECTURES:
+        arch = archs[0] if isinstance(archs, list) else archs
+        if not isinstance(arch, str) or arch not in ARCHITECTURES:
             raise AprError(
                 f"{source}: architecture {arch!r} is not supported "
                 f"(supported: {', '.join(ARCHITECTURES)})"
@@ -122,6 +162,7 @@ class ModelConfig:
         missing = [k for k in required if k not in hf]
         if missing:
             raise AprError(f"{source}: missing {', '.join(missing)}")
+        validate_config(hf, source)
         head_dim = hf.get("head_dim")
         if traits.qk_norm:  # Qwen3 sets head_dim on its own; 128 is transformers' default
             head_dim = head_dim or 128
