@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -9,6 +10,7 @@ import typer
 from apr_cli.commands.options import (
     LOSS,
     MODELS,
+    ON_POLICY,
     BatchSize,
     Compile,
     Dataset,
@@ -34,6 +36,7 @@ from apr_cli.commands.options import (
 )
 from apr_cli.commands.training import RunFlags, run_training
 from apr_cli.distill.losses import LOSS_KINDS
+from apr_cli.distill.on_policy import OnPolicyOptions
 from apr_cli.distill.options import DEFAULT_STUDENT, DEFAULT_TEACHER, DistillOptions
 from apr_cli.distill.pipeline import TrainConfig
 
@@ -102,6 +105,54 @@ def distill(
         typer.Option(help="JSD mixture weight (--loss jsd), in (0, 1).", rich_help_panel=LOSS),
     ] = TrainConfig.beta,
     loss_chunk: LossChunk = TrainConfig.loss_chunk,
+    on_policy: Annotated[
+        float,
+        typer.Option(
+            help="Share of optimizer steps (seeded) whose batch is continuations the student "
+            "samples from --prompts, scored by the teacher on the generated tokens only.",
+            rich_help_panel=ON_POLICY,
+        ),
+    ] = OnPolicyOptions.fraction,
+    prompts: Annotated[
+        Path | None,
+        typer.Option(
+            help='Prompts for sampled steps: a JSONL of {"prompt": ...} or a shard folder '
+            "(windows cut at a random point) [default: --dataset].",
+            exists=True,
+            rich_help_panel=ON_POLICY,
+        ),
+    ] = None,
+    max_new_tokens: Annotated[
+        int,
+        typer.Option(help="Tokens sampled after each prompt.", rich_help_panel=ON_POLICY),
+    ] = OnPolicyOptions.max_new_tokens,
+    sample_temperature: Annotated[
+        float,
+        typer.Option(
+            help="Sampling temperature (0 = greedy); the loss keeps --temperature.",
+            rich_help_panel=ON_POLICY,
+        ),
+    ] = OnPolicyOptions.sample_temperature,
+    sample_top_p: Annotated[
+        float,
+        typer.Option(help="Nucleus sampling mass, in (0, 1].", rich_help_panel=ON_POLICY),
+    ] = OnPolicyOptions.sample_top_p,
+    on_policy_loss: Annotated[
+        str,
+        typer.Option(
+            help=f"Divergence on the student's samples ({', '.join(LOSS_KINDS)}); KD only, "
+            "no CE on its own tokens.",
+            rich_help_panel=ON_POLICY,
+        ),
+    ] = OnPolicyOptions.on_policy_loss,
+    teacher_samples: Annotated[
+        bool,
+        typer.Option(
+            help="Sample the continuations from the teacher instead (sequence-level KD), "
+            "with the run's --loss and --alpha.",
+            rich_help_panel=ON_POLICY,
+        ),
+    ] = False,
     compile_models: Compile = False,
     fsdp: Fsdp = False,
     out: Out = None,
@@ -140,6 +191,15 @@ def distill(
             seed=seed,
             loss_chunk=loss_chunk,
             compile=compile_models,
+        ),
+        on_policy=OnPolicyOptions(
+            fraction=on_policy,
+            prompts=prompts,
+            max_new_tokens=max_new_tokens,
+            sample_temperature=sample_temperature,
+            sample_top_p=sample_top_p,
+            on_policy_loss=on_policy_loss,
+            teacher_samples=teacher_samples,
         ),
     )
     flags = RunFlags(out, resume, overwrite, plan_only, json_output)

@@ -8,6 +8,7 @@ from typing import Annotated
 import typer
 
 MODELS, DATA, TRAINING, LOSS, RUN, OUTPUT = "Models", "Data", "Training", "Loss", "Run", "Output"
+ON_POLICY = "On-policy"
 
 Dataset = Annotated[
     Path | None,

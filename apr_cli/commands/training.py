@@ -91,8 +91,17 @@ def render_plan(prepared: Prepared, json_output: bool, lines: Console) -> None:
         f"memory estimate: {mem['total'] / 2**20:,.1f} MiB "
         f"(teacher {mem['teacher_weights'] / 2**20:,.1f}, student+optimizer "
         f"{mem['student_weights_grads_optimizer'] / 2**20:,.1f}, activations "
-        f"{mem['activations'] / 2**20:,.1f}, logits {mem['logits'] / 2**20:,.1f})",
+        f"{mem['activations'] / 2**20:,.1f}, logits {mem['logits'] / 2**20:,.1f}, "
+        f"sampling KV cache {mem['sampling_kv_cache'] / 2**20:,.1f})",
     ]
+    if info["prompts"] is not None:
+        o = prepared.options.on_policy
+        rows.insert(
+            -1,
+            f"on-policy: {o.fraction:g} of steps sample {o.max_new_tokens} tokens from the "
+            f"{'teacher' if o.teacher_samples else 'student'} (T={o.sample_temperature:g}, "
+            f"top-p={o.sample_top_p:g}) after prompts {json.dumps(info['prompts'])}",
+        )
     for row in rows:
         lines.print(row, markup=False)
 

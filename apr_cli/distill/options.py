@@ -6,6 +6,7 @@ from dataclasses import asdict, dataclass, field, fields, is_dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from apr_cli.distill.on_policy import OnPolicyOptions
 from apr_cli.distill.pipeline import TrainConfig
 from apr_cli.errors import AprError
 
@@ -28,20 +29,28 @@ class DistillOptions:
     fsdp: bool = False  # under torchrun: shard student and teacher (FSDP2) instead of DDP
     keep_checkpoints: int = 2
     train: TrainConfig = field(default_factory=TrainConfig)
+    on_policy: OnPolicyOptions = field(default_factory=OnPolicyOptions)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["dataset"] = None if self.dataset is None else str(self.dataset)
+        d["on_policy"] = self.on_policy.to_dict()
         return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> DistillOptions:
         fields = {**d, "train": TrainConfig(**d["train"])}
+        # Runs from before on-policy sampling have no on_policy options: they never sampled.
+        if "on_policy" in d:
+            fields["on_policy"] = OnPolicyOptions.from_dict(d["on_policy"])
         fields["dataset"] = None if d["dataset"] is None else Path(d["dataset"])
         return cls(**fields)
 
     def validate(self) -> None:
         self.train.validate()
+        self.on_policy.validate(
+            self.train.seq_len, self.teacher is not None, self.dataset is not None
+        )
         if self.teacher_warmup is not None and self.teacher_warmup < 0:
             raise AprError(f"--teacher-warmup must be >= 0, got {self.teacher_warmup}")
         if self.save_every < 0:
@@ -65,10 +74,13 @@ def resumed_options(
     Refuses a change to a setting outside RESUMABLE_CHANGES, naming its flag.
     """
     train = replace(saved.train, **asked(requested.train, defaults.train))
-    options = replace(saved, train=train, **asked(requested, defaults))
+    on_policy = replace(saved.on_policy, **asked(requested.on_policy, defaults.on_policy))
+    options = replace(saved, train=train, on_policy=on_policy, **asked(requested, defaults))
     changed = [
-        f"--{name.replace('_', '-')} {shown(new)!r} (the run used {shown(old)!r})"
-        for name, old, new in differences(saved, options) + differences(saved.train, train)
+        f"{flag(name)} {shown(new)!r} (the run used {shown(old)!r})"
+        for name, old, new in differences(saved, options)
+        + differences(saved.train, train)
+        + differences(saved.on_policy, on_policy)
         if name not in RESUMABLE_CHANGES
     ]
     if changed:
@@ -77,6 +89,11 @@ def resumed_options(
             "start a new run instead"
         )
     return options
+
+
+def flag(name: str) -> str:
+    """The command-line flag of an options field."""
+    return "--on-policy" if name == "fraction" else f"--{name.replace('_', '-')}"
 
 
 def asked(requested: Any, defaults: Any) -> dict[str, Any]:

@@ -11,6 +11,7 @@ import torch
 from apr_cli.data.source import BatchSource, SyntheticBatchSource
 from apr_cli.distill.backend import Backend, seed_everything, select_backend
 from apr_cli.distill.losses import auto_chunk_tokens
+from apr_cli.distill.on_policy import PromptSource, kv_cache_bytes, load_prompts
 from apr_cli.distill.options import DistillOptions
 from apr_cli.distill.pipeline import Pipeline, TrainConfig
 from apr_cli.errors import AprError
@@ -36,6 +37,7 @@ class Prepared:
     source: BatchSource
     vocab_size: int  # rows both models share; data ids must stay below it
     warnings: list[str]
+    prompts: PromptSource | None = None  # on-policy steps' prompts (--on-policy > 0)
 
     @property
     def teacher_warmup(self) -> int:
@@ -108,13 +110,34 @@ def prepare(options: DistillOptions) -> Prepared:
         source.check_seq_len(cfg.seq_len)
     else:
         source = SyntheticBatchSource(vocab, rank=backend.rank, world_size=backend.world_size)
+    prompts = None
+    if options.on_policy.enabled:
+        prompts = load_prompts(
+            options.on_policy,
+            options.dataset,
+            student_info.get("path"),
+            vocab,
+            cfg.seq_len,
+            cfg.seed,
+            backend.rank,
+            backend.world_size,
+        )
     warnings = []
     if teacher is not None and same_model(teacher, student, teacher_info, student_info):
         warnings.append(
             "warning: teacher and student are the same model: there is nothing to distill"
         )
     return Prepared(
-        options, backend, teacher, student, teacher_info, student_info, source, vocab, warnings
+        options,
+        backend,
+        teacher,
+        student,
+        teacher_info,
+        student_info,
+        source,
+        vocab,
+        warnings,
+        prompts,
     )
 
 
@@ -141,12 +164,17 @@ def estimate_memory(p: Prepared) -> dict[str, int]:
     # The chunked loss holds about nine (block, vocab) fp32 tensors, never the full logits.
     block = min(cfg.loss_chunk or auto_chunk_tokens(vocab), tokens)
     logits = block * vocab * 4 * 9
-    total = teacher_weights + student_states + activations + logits
+    kv_cache = 0
+    if p.options.on_policy.enabled:
+        sampler = p.teacher if p.options.on_policy.teacher_samples else p.student
+        kv_cache = kv_cache_bytes(sampler, tokens // cfg.seq_len, cfg.seq_len)
+    total = teacher_weights + student_states + activations + logits + kv_cache
     return {
         "teacher_weights": teacher_weights,
         "student_weights_grads_optimizer": student_states,
         "activations": activations,
         "logits": logits,
+        "sampling_kv_cache": kv_cache,
         "total": total,
     }
 
@@ -160,6 +188,7 @@ def plan(p: Prepared) -> dict[str, Any]:
         "teacher_warmup_steps": p.teacher_warmup,
         "shared_vocab_size": p.vocab_size,
         "data": p.source.describe(),
+        "prompts": None if p.prompts is None else p.prompts.describe(),
         "backend": p.backend.describe(),
         "hyperparameters": cfg.to_dict(),
         "tokens_per_step": cfg.batch_size * cfg.seq_len,

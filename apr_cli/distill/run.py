@@ -11,6 +11,7 @@ from typing import Any
 import torch
 
 from apr_cli.distill.checkpoints import load_latest_checkpoint
+from apr_cli.distill.on_policy import SampledBatches
 from apr_cli.distill.options import DistillOptions, resumed_options
 from apr_cli.distill.parallel import any_rank
 from apr_cli.distill.pipeline import Pipeline
@@ -136,6 +137,16 @@ def train_run(
 ) -> dict[str, Any]:
     """Train to the last step (from `state` when resuming), save, and finalize the manifest."""
     emit = main_only(emit, p)
+    sampler = None
+    if p.prompts is not None:
+        sampler = SampledBatches(
+            p.options.on_policy,
+            p.prompts,
+            p.options.train.seed,
+            p.backend.rank,
+            p.backend.world_size,
+            p.backend.device,
+        )
     pipeline = Pipeline(
         p.student,
         p.teacher,
@@ -143,6 +154,7 @@ def train_run(
         p.source,
         p.backend,
         parallel="fsdp" if p.options.fsdp else "ddp",
+        sampler=sampler,
     )
     if state is not None:
         pipeline.load_state_dict(state)

@@ -42,11 +42,14 @@ def default_run_dir(prefix: str = "distill") -> Path:
 def format_step(m: StepMetrics) -> str:
     """The one line a step leaves in the terminal and in the victory log."""
     width = len(str(m.steps))
-    return (
+    line = (
         f"step {m.step:>{width}}/{m.steps} loss={m.loss:.4f} kd={m.kd_loss:.4f} "
         f"ce={m.ce_loss:.4f} lr={m.lr:.2e} tok/s={m.tokens_per_s:.0f} "
         f"sec/step={m.sec_per_step:.3f}"
     )
+    if m.kind is not None:  # a run that samples: what this step trained on
+        line += f" kind={m.kind} gen={m.generated:.1f} sample_s={m.sample_s:.3f}"
+    return line
 
 
 def step_of(metrics_line: str) -> float:
