@@ -316,8 +316,9 @@ class Pipeline:
         if gather:
             self.model.unshard()
         try:
-            with self.backend.autocast():
-                batch = self.sampler.next_batch(model, rows, self.config.seq_len)
+            # In the model's own dtype: the KV cache has the weights' dtype, which autocast's
+            # bf16 keys would not match.
+            batch = self.sampler.next_batch(model, rows, self.config.seq_len)
         finally:
             if gather:
                 self.model.reshard()
