@@ -44,6 +44,19 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def follow_umask(path: Path) -> None:
+    """Give directory `path` and everything under it the modes a plain mkdir/open would have.
+
+    mkdtemp makes 0700 directories and safetensors 0600 files; a user's outputs should be as
+    readable as any other file they write.
+    """
+    mask = current_umask()
+    for root, _dirs, files in os.walk(path):
+        os.chmod(root, 0o777 & ~mask)
+        for name in files:
+            os.chmod(os.path.join(root, name), 0o666 & ~mask)
+
+
 def current_umask() -> int:
     mask = os.umask(0)
     os.umask(mask)

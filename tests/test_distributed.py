@@ -11,6 +11,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+pytestmark = pytest.mark.slow  # every test here runs real processes end to end
+
 STEPS = 8
 ARGS = ["--steps", str(STEPS), "--seq-len", "16", "--batch-size", "8", "--teacher-warmup", "5",
         "--device", "cpu", "--save-every", "2"]  # fmt: skip

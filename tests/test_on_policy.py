@@ -15,11 +15,11 @@ from apr_cli.data.shards import write_shard
 from apr_cli.distill.losses import IGNORE_INDEX, distill_loss, token_divergence
 from apr_cli.distill.on_policy import (
     JsonlPrompts,
-    OnPolicyOptions,
     SampledBatches,
     kv_cache_bytes,
     sequences_batch,
 )
+from apr_cli.distill.options import OnPolicyOptions
 from apr_cli.errors import AprError
 from apr_cli.model.config import PRESETS, ModelConfig
 from apr_cli.model.generate import generate_batch
@@ -283,7 +283,7 @@ def test_cli_on_policy_steps_train_on_student_samples(tmp_path, dataset):
     manifest = json.loads((run / "dispatch.json").read_text())
     o = manifest["options"]["on_policy"]
     assert o["fraction"] == 1 and o["on_policy_loss"] == "reverse-kl"
-    assert manifest["prompts"]["kind"] == "shard-windows"
+    assert manifest["on_policy"]["prompt_source"]["kind"] == "shard-windows"
 
 
 def test_cli_teacher_samples_keep_the_runs_loss(tmp_path, dataset):
@@ -314,7 +314,11 @@ def test_cli_jsonl_prompts_use_the_datasets_tokenizer(tmp_path, dataset):
     r = distill(*ARGS, "--dataset", dataset, "--on-policy", 0.5, "--prompts", prompts, "--out", run)
     assert r.exit_code == 0, r.output
     manifest = json.loads((run / "dispatch.json").read_text())
-    assert manifest["prompts"] == {"kind": "jsonl", "path": str(prompts), "prompts": 1}
+    assert manifest["on_policy"]["prompt_source"] == {
+        "kind": "jsonl",
+        "path": str(prompts),
+        "prompts": 1,
+    }
     kinds = [m["kind"] for m in metrics(run)]
     assert set(kinds) <= {"on-policy", "off-policy"}
     expected = [

@@ -13,7 +13,8 @@ import torch
 from safetensors.torch import load_file
 
 from apr_cli.data.shards import ShardBatchSource, write_shard
-from apr_cli.distill.on_policy import OnPolicyOptions, SampledBatches, WindowPrompts
+from apr_cli.distill.on_policy import SampledBatches, WindowPrompts
+from apr_cli.distill.options import OnPolicyOptions
 from apr_cli.model.config import PRESETS
 from apr_cli.model.qwen2 import build_model
 

@@ -7,15 +7,20 @@ from collections.abc import Iterator
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from apr_cli.errors import AprError
 
 stderr = Console(stderr=True, highlight=False, soft_wrap=True)
 
 
-def fail(message: str, exit_code: int = 2) -> typer.Exit:
-    """Print `error: message` on stderr and return the Exit to raise."""
-    stderr.print(f"[bold red]error:[/] {message}", markup=True)
+def fail(message: str, exit_code: int = 2, label: str = "error") -> typer.Exit:
+    """Print `error: message` on stderr (red) and return the Exit to raise.
+
+    Another `label` (a run stopped on request) prints in yellow.
+    """
+    color = "bold red" if label == "error" else "bold yellow"
+    stderr.print(f"[{color}]{label}:[/] {escape(message)}", markup=True)
     return typer.Exit(code=exit_code)
 
 
@@ -25,4 +30,4 @@ def user_errors() -> Iterator[None]:
     try:
         yield
     except AprError as e:
-        raise fail(str(e), e.exit_code) from None
+        raise fail(str(e), e.exit_code, e.label) from None

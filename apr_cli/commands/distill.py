@@ -15,6 +15,7 @@ from apr_cli.commands.options import (
     Compile,
     Dataset,
     Device,
+    Dtype,
     Fsdp,
     GradAccum,
     GradClip,
@@ -31,14 +32,20 @@ from apr_cli.commands.options import (
     SeqLen,
     Shuffle,
     Steps,
+    Threads,
     Warmup,
     WeightDecay,
+    flag,
 )
 from apr_cli.commands.training import RunFlags, run_training
-from apr_cli.distill.losses import LOSS_KINDS
-from apr_cli.distill.on_policy import OnPolicyOptions
-from apr_cli.distill.options import DEFAULT_STUDENT, DEFAULT_TEACHER, DistillOptions
-from apr_cli.distill.pipeline import TrainConfig
+from apr_cli.distill.options import (
+    DEFAULT_STUDENT,
+    DEFAULT_TEACHER,
+    LOSS_KINDS,
+    DistillOptions,
+    OnPolicyOptions,
+    TrainConfig,
+)
 
 
 def distill(
@@ -69,7 +76,8 @@ def distill(
         int | None,
         typer.Option(
             help="CE steps that train the teacher on the batches before distilling "
-            "[default: 50 for a preset teacher, which starts untrained; 0 otherwise].",
+            "(a preset teacher starts untrained).",
+            show_default="50 for a preset teacher, else 0",
             rich_help_panel=MODELS,
         ),
     ] = None,
@@ -85,6 +93,7 @@ def distill(
     weight_decay: WeightDecay = TrainConfig.weight_decay,
     seed: Seed = TrainConfig.seed,
     device: Device = DistillOptions.device,
+    dtype: Dtype = DistillOptions.dtype,
     loss: Annotated[
         str,
         typer.Option(help=f"KD divergence: {', '.join(LOSS_KINDS)}.", rich_help_panel=LOSS),
@@ -147,7 +156,8 @@ def distill(
     ] = OnPolicyOptions.on_policy_loss,
     teacher_samples: Annotated[
         bool,
-        typer.Option(
+        flag(
+            "--teacher-samples",
             help="Sample the continuations from the teacher instead (sequence-level KD), "
             "with the run's --loss and --alpha.",
             rich_help_panel=ON_POLICY,
@@ -155,6 +165,7 @@ def distill(
     ] = False,
     compile_models: Compile = False,
     fsdp: Fsdp = False,
+    threads: Threads = DistillOptions.threads,
     out: Out = None,
     resume: Resume = None,
     save_every: SaveEvery = DistillOptions.save_every,
@@ -171,10 +182,12 @@ def distill(
         dataset=dataset,
         shuffle=shuffle,
         device=device,
+        dtype=dtype,
         teacher_warmup=teacher_warmup,
         save_every=save_every,
         fsdp=fsdp,
         keep_checkpoints=keep_checkpoints,
+        threads=threads,
         train=TrainConfig(
             steps=steps,
             batch_size=batch_size,

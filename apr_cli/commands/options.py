@@ -3,12 +3,20 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
 MODELS, DATA, TRAINING, LOSS, RUN, OUTPUT = "Models", "Data", "Training", "Loss", "Run", "Output"
 ON_POLICY = "On-policy"
+RUNTIME = "Runtime"
+DEVICE_HELP = "auto (CUDA when available, else CPU), cuda or cpu."
+
+
+def flag(name: str, **kwargs: Any) -> Any:
+    """A value-less option: `name` alone (no --no-name), shown without a type in --help."""
+    return typer.Option(name, metavar="", **kwargs)
+
 
 Dataset = Annotated[
     Path | None,
@@ -22,7 +30,7 @@ Dataset = Annotated[
 ]
 Shuffle = Annotated[
     bool,
-    typer.Option(
+    flag(
         "--shuffle",
         help="Read the dataset's windows in a random order (seeded by --seed, new each epoch).",
         rich_help_panel=DATA,
@@ -58,10 +66,20 @@ WeightDecay = Annotated[float, typer.Option(help="AdamW weight decay.", rich_hel
 Seed = Annotated[
     int, typer.Option(help="Seed for init, data order and sampling.", rich_help_panel=TRAINING)
 ]
-Device = Annotated[
+Device = Annotated[str, typer.Option(help=DEVICE_HELP, rich_help_panel=TRAINING)]
+Dtype = Annotated[
     str,
     typer.Option(
-        help="auto (CUDA with bf16 when available, else CPU), cuda or cpu.",
+        help="Matmul precision: auto (bf16 on CUDA and on CPUs with AMX bf16 units, else fp32), "
+        "bf16 or fp32. The loss, master weights and optimizer state stay fp32.",
+        rich_help_panel=TRAINING,
+    ),
+]
+Threads = Annotated[
+    int,
+    typer.Option(
+        help="CPU threads for torch; 0: one per core this process may use (split over torchrun "
+        "ranks). Idle threads sleep unless OMP_WAIT_POLICY says otherwise.",
         rich_help_panel=TRAINING,
     ),
 ]
@@ -74,13 +92,11 @@ LossChunk = Annotated[
 ]
 Compile = Annotated[
     bool,
-    typer.Option(
-        "--compile", help="torch.compile the models' forward passes.", rich_help_panel=TRAINING
-    ),
+    flag("--compile", help="torch.compile the models' forward passes.", rich_help_panel=TRAINING),
 ]
 Fsdp = Annotated[
     bool,
-    typer.Option(
+    flag(
         "--fsdp",
         help="Under torchrun, shard student and teacher with FSDP2 instead of replicating (DDP).",
         rich_help_panel=TRAINING,
@@ -89,7 +105,8 @@ Fsdp = Annotated[
 Out = Annotated[
     Path | None,
     typer.Option(
-        help="Run directory [default: runs/COMMAND-YYYYMMDD-HHMMSS, UTC].",
+        help="Run directory.",
+        show_default="runs/COMMAND-YYYYMMDD-HHMMSS in UTC, then -2, -3... if taken",
         file_okay=False,
         rich_help_panel=RUN,
     ),
@@ -111,11 +128,11 @@ KeepCheckpoints = Annotated[
     int, typer.Option(help="Checkpoints kept (the newest).", rich_help_panel=RUN)
 ]
 Overwrite = Annotated[
-    bool, typer.Option(help="Replace a run already in --out.", rich_help_panel=RUN)
+    bool, flag("--overwrite", help="Replace a finished run already in --out.", rich_help_panel=RUN)
 ]
 PlanOnly = Annotated[
     bool,
-    typer.Option(
+    flag(
         "--plan",
         help="Print the resolved plan (models, sizes, memory, data) and exit.",
         rich_help_panel=RUN,
@@ -123,7 +140,7 @@ PlanOnly = Annotated[
 ]
 JsonOutput = Annotated[
     bool,
-    typer.Option(
+    flag(
         "--json",
         help="Print the final summary (or plan) as JSON on stdout; step lines go to stderr.",
         rich_help_panel=RUN,

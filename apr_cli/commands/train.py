@@ -12,6 +12,7 @@ from apr_cli.commands.options import (
     Compile,
     Dataset,
     Device,
+    Dtype,
     Fsdp,
     GradAccum,
     GradClip,
@@ -28,12 +29,12 @@ from apr_cli.commands.options import (
     SeqLen,
     Shuffle,
     Steps,
+    Threads,
     Warmup,
     WeightDecay,
 )
 from apr_cli.commands.training import RunFlags, run_training
-from apr_cli.distill.options import DEFAULT_STUDENT, DistillOptions
-from apr_cli.distill.pipeline import TrainConfig
+from apr_cli.distill.options import DEFAULT_STUDENT, DistillOptions, TrainConfig
 
 
 def train(
@@ -57,9 +58,11 @@ def train(
     weight_decay: WeightDecay = TrainConfig.weight_decay,
     seed: Seed = TrainConfig.seed,
     device: Device = DistillOptions.device,
+    dtype: Dtype = DistillOptions.dtype,
     loss_chunk: LossChunk = TrainConfig.loss_chunk,
     compile_models: Compile = False,
     fsdp: Fsdp = False,
+    threads: Threads = DistillOptions.threads,
     out: Out = None,
     resume: Resume = None,
     save_every: SaveEvery = DistillOptions.save_every,
@@ -78,9 +81,11 @@ def train(
         dataset=dataset,
         shuffle=shuffle,
         device=device,
+        dtype=dtype,
         save_every=save_every,
         fsdp=fsdp,
         keep_checkpoints=keep_checkpoints,
+        threads=threads,
         train=TrainConfig(
             steps=steps,
             batch_size=batch_size,

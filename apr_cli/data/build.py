@@ -17,6 +17,7 @@ import numpy as np
 from apr_cli.data.shards import META_FILE, RAW_DTYPE, write_shard
 from apr_cli.data.tokenizer import TextTokenizer, load_tokenizer, train_bpe
 from apr_cli.errors import AprError
+from apr_cli.fsutil import follow_umask
 
 TOKENIZER_FILE = "tokenizer.json"
 SPLITS = ("train", "val")
@@ -169,6 +170,7 @@ def build_shards(
             shard_tokens,
             progress,
         )
+        follow_umask(tmp)
         _replace_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

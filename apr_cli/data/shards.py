@@ -128,14 +128,25 @@ def id_range(tokens: np.ndarray) -> tuple[int, int] | None:
     return lo, hi
 
 
-def check_vocab(shards: list[Shard], vocab_size: int) -> None:
-    """Raise naming the file and offset of the first token id >= vocab_size."""
+def check_vocab(shards: list[Shard], vocab_size: int, built_with: int | None = None) -> None:
+    """Raise naming the file and offset of the first token id >= vocab_size.
+
+    `built_with`: the vocabulary of the tokenizer the shards were built with (meta.json), named
+    in the error when it is the cause.
+    """
     for shard in shards:
         offset = first_id_at_least(shard.tokens, vocab_size)
         if offset is not None:
+            cause = (
+                f"; the shards were built with a {built_with}-token tokenizer (meta.json): "
+                f"rebuild them with at most {vocab_size} tokens (e.g. --train-bpe {vocab_size}) "
+                "or use a model with a larger vocabulary"
+                if built_with is not None and built_with > vocab_size
+                else ""
+            )
             raise AprError(
                 f"{shard.path}: token id {int(shard.tokens[offset])} at token offset {offset} "
-                f"is >= vocab size {vocab_size}"
+                f"is >= vocab size {vocab_size}{cause}"
             )
 
 
@@ -178,7 +189,7 @@ class ShardBatchSource:
             raise AprError(f"{self.path}: the .bin files hold no tokens")
         self.vocab_size = vocab_size
         if vocab_size is not None:
-            check_vocab(self._shards, vocab_size)
+            check_vocab(self._shards, vocab_size, (self.meta or {}).get("vocab_size"))
         self._seq_len: int | None = None
         self._consumed = 0  # global windows handed out, over all ranks and epochs
         self._orders: dict[tuple[int, int], np.ndarray] = {}
@@ -303,14 +314,14 @@ class ShardBatchSource:
     def describe(self) -> dict[str, Any]:
         widths = sorted({s.token_width for s in self.files})
         meta = self.meta or {}
-        vocab_size = self.vocab_size if self.vocab_size is not None else meta.get("vocab_size")
         info: dict[str, Any] = {
             "kind": "shards",
             "path": str(self.path),
             "files": len(self.files),
             "tokens": self.tokens,
             "token_width": widths[0] if len(widths) == 1 else widths,
-            "vocab_size": vocab_size,
+            "vocab_size": meta.get("vocab_size"),  # the dataset's tokenizer, from meta.json
+            "ids_checked_below": self.vocab_size,  # the models' shared vocabulary
             "wrap": self.wrap,
             "shuffle": self.shuffle,
             "seed": self.seed,

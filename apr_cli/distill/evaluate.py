@@ -13,11 +13,10 @@ import torch
 from apr_cli.data.shards import ShardBatchSource
 from apr_cli.distill.backend import Backend, select_backend
 from apr_cli.distill.losses import distill_loss
+from apr_cli.distill.options import DEFAULT_WINDOWS
 from apr_cli.errors import AprError
 from apr_cli.model.checkpoint import load_model
 from apr_cli.model.qwen2 import Qwen2ForCausalLM
-
-DEFAULT_WINDOWS = 512
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -19,74 +18,13 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from apr_cli.distill.losses import IGNORE_INDEX, LOSS_KINDS
+from apr_cli.distill.losses import IGNORE_INDEX
+from apr_cli.distill.options import OnPolicyOptions
 from apr_cli.errors import AprError
 from apr_cli.model.generate import generate_batch
 from apr_cli.model.qwen2 import Qwen2ForCausalLM
 
 STUDENT_SAMPLES, TEACHER_SAMPLES, CORPUS = "on-policy", "teacher-samples", "off-policy"
-
-
-@dataclass
-class OnPolicyOptions:
-    """What `--on-policy` and its sampling flags asked for."""
-
-    fraction: float = 0.0  # share of optimizer steps whose batch is sampled (0: corpus only)
-    prompts: Path | None = None  # JSONL of {"prompt": ...} or a shard folder; None: --dataset
-    max_new_tokens: int = 32  # every continuation has this many tokens (no early stop)
-    sample_temperature: float = 1.0  # the loss keeps --temperature
-    sample_top_p: float = 1.0
-    # Reverse KL on the student's own samples: it is the per-token objective whose gradient
-    # pushes down exactly the tokens the student writes and the teacher would not (mode
-    # seeking), what GKD and Thinking Machines' on-policy distillation use.
-    on_policy_loss: str = "reverse-kl"
-    teacher_samples: bool = False  # sample continuations from the teacher (sequence-level KD)
-
-    @property
-    def enabled(self) -> bool:
-        return self.fraction > 0.0
-
-    def to_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "prompts": None if self.prompts is None else str(self.prompts)}
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> OnPolicyOptions:
-        return cls(**{**d, "prompts": None if d["prompts"] is None else Path(d["prompts"])})
-
-    def validate(self, seq_len: int, has_teacher: bool, has_dataset: bool) -> None:
-        """Refuse settings that cannot sample, naming the flag."""
-        checks = [
-            (0.0 <= self.fraction <= 1.0, f"--on-policy must be in [0, 1], got {self.fraction}"),
-            (
-                # Only a sampling run is held to its --seq-len (the default may exceed a short one).
-                1 <= self.max_new_tokens <= seq_len or not self.enabled,
-                f"--max-new-tokens must be in [1, --seq-len {seq_len}], got {self.max_new_tokens}",
-            ),
-            (
-                self.sample_temperature >= 0,
-                f"--sample-temperature must be >= 0, got {self.sample_temperature}",
-            ),
-            (
-                0.0 < self.sample_top_p <= 1.0,
-                f"--sample-top-p must be in (0, 1], got {self.sample_top_p}",
-            ),
-            (
-                self.on_policy_loss in LOSS_KINDS,
-                f"--on-policy-loss must be one of {', '.join(LOSS_KINDS)}",
-            ),
-            (
-                self.enabled or not self.teacher_samples,
-                "--teacher-samples needs --on-policy > 0 (the share of steps to sample)",
-            ),
-            (not self.enabled or has_teacher, "--on-policy needs a teacher to score the samples"),
-            (
-                not self.enabled or self.prompts is not None or has_dataset,
-                "--on-policy needs --prompts (a JSONL file or a shard folder) or --dataset",
-            ),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise AprError(message)
 
 
 class PromptSource(Protocol):
@@ -310,9 +248,6 @@ class SampledBatches:
             )
         self.prompts.load_state_dict(state["prompts"])
         self.generator.set_state(generators[self.rank])
-
-    def describe(self) -> dict[str, Any]:
-        return {**self.options.to_dict(), "prompt_source": self.prompts.describe()}
 
 
 def kv_cache_bytes(model: Qwen2ForCausalLM, rows: int, seq_len: int) -> int:

@@ -1,17 +1,147 @@
-"""A run's options as one typed object: defaults, validation, and what a resume may change."""
+"""A run's options as typed objects: defaults, validation, and what a resume may change.
+
+Free of torch, so the command line shows its defaults without importing it.
+"""
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field, fields, is_dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from apr_cli.distill.on_policy import OnPolicyOptions
-from apr_cli.distill.pipeline import TrainConfig
 from apr_cli.errors import AprError
 
 DEFAULT_TEACHER = "tiny-teacher"
 DEFAULT_STUDENT = "tiny-student"
+DEFAULT_WINDOWS = 512  # windows `apr eval` scores
+LOSS_KINDS = ("forward-kl", "reverse-kl", "jsd")
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 100  # optimizer steps, exactly
+    batch_size: int = 16  # rows per optimizer step, split over grad_accum micro-batches
+    seq_len: int = 64
+    grad_accum: int = 1
+    lr: float = 3e-3  # peak learning rate
+    min_lr_ratio: float = 0.1  # cosine decay ends at lr * min_lr_ratio
+    warmup: int = 10  # linear warm-up steps
+    weight_decay: float = 0.01
+    grad_clip: float = 1.0  # max global gradient norm
+    temperature: float = 3.0
+    alpha: float = 0.7  # weight of the KD term; 1 - alpha weighs CE on the labels
+    loss: str = "forward-kl"
+    beta: float = 0.5  # jsd mixture weight
+    seed: int = 0
+    loss_chunk: int = 0  # tokens per loss block; 0 picks a size that bounds logits memory
+    compile: bool = False  # torch.compile the student's and teacher's forward
+
+    def validate(self, max_seq_len: int | None = None) -> None:
+        """Refuse settings that cannot train, naming the flag."""
+        checks = [
+            (self.steps > 0, f"--steps must be > 0, got {self.steps}"),
+            (self.batch_size > 0, f"--batch-size must be > 0, got {self.batch_size}"),
+            (self.seq_len > 0, f"--seq-len must be > 0, got {self.seq_len}"),
+            (self.grad_accum > 0, f"--grad-accum must be > 0, got {self.grad_accum}"),
+            (
+                self.batch_size % self.grad_accum == 0,
+                f"--batch-size {self.batch_size} is not a multiple of "
+                f"--grad-accum {self.grad_accum}",
+            ),
+            (self.lr > 0 and math.isfinite(self.lr), f"--lr must be > 0, got {self.lr}"),
+            (self.warmup >= 0, f"--warmup must be >= 0, got {self.warmup}"),
+            (self.temperature > 0, f"--temperature must be > 0, got {self.temperature}"),
+            (0.0 <= self.alpha <= 1.0, f"--alpha must be in [0, 1], got {self.alpha}"),
+            (self.loss in LOSS_KINDS, f"--loss must be one of {', '.join(LOSS_KINDS)}"),
+            (0.0 < self.beta < 1.0, f"--beta must be in (0, 1), got {self.beta}"),
+            (self.grad_clip > 0, f"--grad-clip must be > 0, got {self.grad_clip}"),
+            (self.loss_chunk >= 0, f"--loss-chunk must be >= 0, got {self.loss_chunk}"),
+        ]
+        if max_seq_len is not None:
+            checks.append(
+                (
+                    self.seq_len <= max_seq_len,
+                    f"--seq-len {self.seq_len} exceeds the models' context of {max_seq_len}",
+                )
+            )
+        for ok, message in checks:
+            if not ok:
+                raise AprError(message)
+
+    def lr_at(self, step: int) -> float:
+        """Linear warm-up to `lr`, then cosine decay to `lr * min_lr_ratio` at the last step."""
+        if step < self.warmup:
+            return self.lr * (step + 1) / self.warmup
+        span = max(1, self.steps - self.warmup - 1)
+        progress = min(1.0, (step - self.warmup) / span)
+        floor = self.lr * self.min_lr_ratio
+        return floor + (self.lr - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class OnPolicyOptions:
+    """What `--on-policy` and its sampling flags asked for."""
+
+    fraction: float = 0.0  # share of optimizer steps whose batch is sampled (0: corpus only)
+    prompts: Path | None = None  # JSONL of {"prompt": ...} or a shard folder; None: --dataset
+    max_new_tokens: int = 32  # every continuation has this many tokens (no early stop)
+    sample_temperature: float = 1.0  # the loss keeps --temperature
+    sample_top_p: float = 1.0
+    # Reverse KL on the student's own samples: it is the per-token objective whose gradient
+    # pushes down exactly the tokens the student writes and the teacher would not (mode
+    # seeking), what GKD and Thinking Machines' on-policy distillation use.
+    on_policy_loss: str = "reverse-kl"
+    teacher_samples: bool = False  # sample continuations from the teacher (sequence-level KD)
+
+    @property
+    def enabled(self) -> bool:
+        return self.fraction > 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "prompts": None if self.prompts is None else str(self.prompts)}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> OnPolicyOptions:
+        return cls(**{**d, "prompts": None if d["prompts"] is None else Path(d["prompts"])})
+
+    def validate(self, seq_len: int, has_teacher: bool, has_dataset: bool) -> None:
+        """Refuse settings that cannot sample, naming the flag."""
+        checks = [
+            (0.0 <= self.fraction <= 1.0, f"--on-policy must be in [0, 1], got {self.fraction}"),
+            (
+                # Only a sampling run is held to its --seq-len (the default may exceed a short one).
+                1 <= self.max_new_tokens <= seq_len or not self.enabled,
+                f"--max-new-tokens must be in [1, --seq-len {seq_len}], got {self.max_new_tokens}",
+            ),
+            (
+                self.sample_temperature >= 0,
+                f"--sample-temperature must be >= 0, got {self.sample_temperature}",
+            ),
+            (
+                0.0 < self.sample_top_p <= 1.0,
+                f"--sample-top-p must be in (0, 1], got {self.sample_top_p}",
+            ),
+            (
+                self.on_policy_loss in LOSS_KINDS,
+                f"--on-policy-loss must be one of {', '.join(LOSS_KINDS)}",
+            ),
+            (
+                self.enabled or not self.teacher_samples,
+                "--teacher-samples needs --on-policy > 0 (the share of steps to sample)",
+            ),
+            (not self.enabled or has_teacher, "--on-policy needs a teacher to score the samples"),
+            (
+                not self.enabled or self.prompts is not None or has_dataset,
+                "--on-policy needs --prompts (a JSONL file or a shard folder) or --dataset",
+            ),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise AprError(message)
 
 
 @dataclass
@@ -24,10 +154,12 @@ class DistillOptions:
     dataset: Path | None = None
     shuffle: bool = False  # read --dataset windows in a seeded random order per epoch
     device: str = "auto"
+    dtype: str = "auto"  # matmul dtype: auto (bf16 on CUDA and AMX CPUs, else fp32), bf16, fp32
     teacher_warmup: int | None = None  # None: PRESET_TEACHER_WARMUP for a preset teacher, else 0
     save_every: int = 1000  # steps between checkpoints (one is always written at the end)
     fsdp: bool = False  # under torchrun: shard student and teacher (FSDP2) instead of DDP
     keep_checkpoints: int = 2
+    threads: int = 0  # CPU threads for torch; 0: the cores this process may use, split over ranks
     train: TrainConfig = field(default_factory=TrainConfig)
     on_policy: OnPolicyOptions = field(default_factory=OnPolicyOptions)
 
@@ -55,6 +187,8 @@ class DistillOptions:
             raise AprError(f"--teacher-warmup must be >= 0, got {self.teacher_warmup}")
         if self.save_every < 0:
             raise AprError(f"--save-every must be >= 0, got {self.save_every}")
+        if self.threads < 0:
+            raise AprError(f"--threads must be >= 0, got {self.threads}")
         if self.keep_checkpoints < 1:
             raise AprError(f"--keep-checkpoints must be >= 1, got {self.keep_checkpoints}")
 
@@ -62,7 +196,16 @@ class DistillOptions:
 # Fields a resumed run may change: they do not change what the student learns. A test checks
 # each names a field of DistillOptions or TrainConfig.
 RESUMABLE_CHANGES = frozenset(
-    {"steps", "device", "save_every", "keep_checkpoints", "loss_chunk", "compile", "fsdp"}
+    {
+        "steps",
+        "device",
+        "save_every",
+        "keep_checkpoints",
+        "loss_chunk",
+        "compile",
+        "fsdp",
+        "threads",
+    }
 )
 
 

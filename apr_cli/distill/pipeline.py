@@ -6,7 +6,7 @@ import math
 import random
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import numpy as np
@@ -16,73 +16,10 @@ from torch import nn
 from apr_cli.data.source import BatchSource, SyntheticBatchSource
 from apr_cli.distill import parallel as parallel_lib
 from apr_cli.distill.backend import Backend, select_backend
-from apr_cli.distill.losses import IGNORE_INDEX, LOSS_KINDS
+from apr_cli.distill.losses import IGNORE_INDEX
 from apr_cli.distill.on_policy import CORPUS, STUDENT_SAMPLES, TEACHER_SAMPLES, SampledBatches
+from apr_cli.distill.options import TrainConfig
 from apr_cli.errors import AprError
-
-
-@dataclass
-class TrainConfig:
-    steps: int = 100  # optimizer steps, exactly
-    batch_size: int = 16  # rows per optimizer step, split over grad_accum micro-batches
-    seq_len: int = 64
-    grad_accum: int = 1
-    lr: float = 3e-3  # peak learning rate
-    min_lr_ratio: float = 0.1  # cosine decay ends at lr * min_lr_ratio
-    warmup: int = 10  # linear warm-up steps
-    weight_decay: float = 0.01
-    grad_clip: float = 1.0  # max global gradient norm
-    temperature: float = 3.0
-    alpha: float = 0.7  # weight of the KD term; 1 - alpha weighs CE on the labels
-    loss: str = "forward-kl"
-    beta: float = 0.5  # jsd mixture weight
-    seed: int = 0
-    loss_chunk: int = 0  # tokens per loss block; 0 picks a size that bounds logits memory
-    compile: bool = False  # torch.compile the student's and teacher's forward
-
-    def validate(self, max_seq_len: int | None = None) -> None:
-        """Refuse settings that cannot train, naming the flag."""
-        checks = [
-            (self.steps > 0, f"--steps must be > 0, got {self.steps}"),
-            (self.batch_size > 0, f"--batch-size must be > 0, got {self.batch_size}"),
-            (self.seq_len > 0, f"--seq-len must be > 0, got {self.seq_len}"),
-            (self.grad_accum > 0, f"--grad-accum must be > 0, got {self.grad_accum}"),
-            (
-                self.batch_size % self.grad_accum == 0,
-                f"--batch-size {self.batch_size} is not a multiple of "
-                f"--grad-accum {self.grad_accum}",
-            ),
-            (self.lr > 0 and math.isfinite(self.lr), f"--lr must be > 0, got {self.lr}"),
-            (self.warmup >= 0, f"--warmup must be >= 0, got {self.warmup}"),
-            (self.temperature > 0, f"--temperature must be > 0, got {self.temperature}"),
-            (0.0 <= self.alpha <= 1.0, f"--alpha must be in [0, 1], got {self.alpha}"),
-            (self.loss in LOSS_KINDS, f"--loss must be one of {', '.join(LOSS_KINDS)}"),
-            (0.0 < self.beta < 1.0, f"--beta must be in (0, 1), got {self.beta}"),
-            (self.grad_clip > 0, f"--grad-clip must be > 0, got {self.grad_clip}"),
-            (self.loss_chunk >= 0, f"--loss-chunk must be >= 0, got {self.loss_chunk}"),
-        ]
-        if max_seq_len is not None:
-            checks.append(
-                (
-                    self.seq_len <= max_seq_len,
-                    f"--seq-len {self.seq_len} exceeds the models' context of {max_seq_len}",
-                )
-            )
-        for ok, message in checks:
-            if not ok:
-                raise AprError(message)
-
-    def lr_at(self, step: int) -> float:
-        """Linear warm-up to `lr`, then cosine decay to `lr * min_lr_ratio` at the last step."""
-        if step < self.warmup:
-            return self.lr * (step + 1) / self.warmup
-        span = max(1, self.steps - self.warmup - 1)
-        progress = min(1.0, (step - self.warmup) / span)
-        floor = self.lr * self.min_lr_ratio
-        return floor + (self.lr - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 @dataclass(frozen=True)
@@ -145,7 +82,7 @@ class Pipeline:
     ):
         self.config = config
         self.sampler = sampler  # builds the batches of on-policy steps
-        self.backend = backend or select_backend("cpu")
+        self.backend = backend or select_backend("cpu", "fp32")
         device, world = self.backend.device, self.backend.world_size
         self.student = student.to(device).train()
         self.teacher = teacher

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -13,7 +14,7 @@ from apr_cli.distill.backend import Backend, seed_everything, select_backend
 from apr_cli.distill.losses import auto_chunk_tokens
 from apr_cli.distill.on_policy import PromptSource, kv_cache_bytes, load_prompts
 from apr_cli.distill.options import DistillOptions
-from apr_cli.distill.pipeline import Pipeline, TrainConfig
+from apr_cli.distill.pipeline import Pipeline, StepMetrics, TrainConfig
 from apr_cli.errors import AprError
 from apr_cli.model.checkpoint import init_student_from_teacher, load_model, parse_teacher_layers
 from apr_cli.model.qwen2 import Qwen2ForCausalLM, count_parameters
@@ -53,11 +54,26 @@ class Prepared:
         return "Training" if self.teacher is None else "Distillation"
 
 
+def set_threads(requested: int) -> None:
+    """--threads N; else OMP_NUM_THREADS if the user set it; else one thread per core this
+    process may use, shared among torchrun's ranks on this host.
+
+    With idle threads sleeping (OMP_WAIT_POLICY=PASSIVE, set by `apr`), that stays fast when
+    other jobs hold some of the cores: benchmarks/bench_threads.py, docs/performance.md.
+    """
+    if requested:
+        torch.set_num_threads(requested)
+    elif "OMP_NUM_THREADS" not in os.environ:
+        ranks_here = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // ranks_here))
+
+
 def prepare(options: DistillOptions) -> Prepared:
     """Resolve and check everything a run needs, failing before any file is written."""
     options.validate()
+    set_threads(options.threads)
     cfg = options.train
-    backend = select_backend(options.device)
+    backend = select_backend(options.device, options.dtype)
     seed_everything(cfg.seed)
     teacher, teacher_info = None, None
     if options.teacher is not None:
@@ -161,9 +177,10 @@ def estimate_memory(p: Prepared) -> dict[str, int]:
     student_states = count_parameters(p.student) * 16  # weights, grads, two moments, fp32
     # ~16 saved tensors of width hidden per layer and token, for backward.
     activations = tokens * s.hidden_size * s.num_hidden_layers * 16 * act_bytes
-    # The chunked loss holds about nine (block, vocab) fp32 tensors, never the full logits.
-    block = min(cfg.loss_chunk or auto_chunk_tokens(vocab), tokens)
-    logits = block * vocab * 4 * 9
+    # The chunked loss holds four (block, vocab) fp32 buffers and, in bf16, one bf16 buffer.
+    matmul_dtype = p.backend.autocast_dtype or torch.float32
+    block = min(cfg.loss_chunk or auto_chunk_tokens(vocab, matmul_dtype), tokens)
+    logits = block * vocab * (4 * 4 + (2 if p.backend.autocast_dtype is not None else 0))
     kv_cache = 0
     if p.options.on_policy.enabled:
         sampler = p.teacher if p.options.on_policy.teacher_samples else p.student
@@ -188,13 +205,26 @@ def plan(p: Prepared) -> dict[str, Any]:
         "teacher_warmup_steps": p.teacher_warmup,
         "shared_vocab_size": p.vocab_size,
         "data": p.source.describe(),
-        "prompts": None if p.prompts is None else p.prompts.describe(),
+        "on_policy": None
+        if p.prompts is None
+        else {**p.options.on_policy.to_dict(), "prompt_source": p.prompts.describe()},
         "backend": p.backend.describe(),
         "hyperparameters": cfg.to_dict(),
         "tokens_per_step": cfg.batch_size * cfg.seq_len,
         "micro_batch_size": cfg.batch_size // cfg.grad_accum,
         "memory_estimate_bytes": estimate_memory(p),
     }
+
+
+class WarmupProgress:
+    """A line every tenth of the warm-up, so the phase is never silent for long."""
+
+    def __init__(self, emit: Callable[[str], None]):
+        self.emit = emit
+
+    def on_step(self, m: StepMetrics) -> None:
+        if m.step % max(1, m.steps // 10) == 0:
+            self.emit(f"teacher warm-up: step {m.step}/{m.steps} loss={m.loss:.4f}")
 
 
 def warm_up_teacher(p: Prepared, emit: Callable[[str], None]) -> dict[str, Any] | None:
@@ -214,7 +244,11 @@ def warm_up_teacher(p: Prepared, emit: Callable[[str], None]) -> dict[str, Any] 
     )
     # The teacher is trained in fp32 and frozen afterwards by the distillation pipeline.
     p.teacher.float().train().requires_grad_(True)
-    result = Pipeline(p.teacher, None, warm_cfg, p.source, p.backend).train()
+    emit(
+        f"teacher warm-up: training the untrained preset teacher for {steps} CE steps first "
+        "(--teacher-warmup 0 skips it)"
+    )
+    result = Pipeline(p.teacher, None, warm_cfg, p.source, p.backend).train(WarmupProgress(emit))
     p.teacher.to(p.backend.teacher_dtype)
     p.source.reset()
     emit(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import platform
 import socket
 import subprocess
@@ -37,7 +38,7 @@ class RunReporter:
         self.emit, self.on_progress = emit, on_progress
 
     def on_step(self, metrics: StepMetrics) -> None:
-        line = format_step(metrics)
+        line = format_step(metrics, with_teacher=self.pipeline.teacher is not None)
         self.emit(line)
         self.run.log(line)
         self.run.append_metrics(metrics)
@@ -94,6 +95,8 @@ def environment() -> dict[str, Any]:
         "python_version": platform.python_version(),
         "git_commit": git_commit(),
         "host": socket.gethostname(),
+        "cpu_threads": torch.get_num_threads(),
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
     }
 
 

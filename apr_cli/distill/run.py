@@ -66,17 +66,24 @@ def start(
     except BaseException as e:
         finish_failed(run, manifest, e, steps_completed=0)
         raise
-    teacher = (
-        f"{p.teacher_info['spec']} ({p.teacher_info['parameters']:,} params)"
+    student = f"{p.student_info['spec']} ({p.student_info['parameters']:,} params)"
+    models = (
+        f"teacher: {p.teacher_info['spec']} ({p.teacher_info['parameters']:,} params) "
+        f"student: {student}"
         if p.teacher_info is not None
-        else "none (cross-entropy on the labels only)"
+        else f"model: {student}, cross-entropy on the labels (no teacher)"
     )
-    emit_and_log(
-        f"teacher: {teacher} "
-        f"student: {p.student_info['spec']} ({p.student_info['parameters']:,} params) "
-        f"device: {p.backend.name} ({p.backend.compute_dtype})"
-    )
+    emit_and_log(f"{models} device: {p.backend.name} ({p.backend.compute_dtype})")
     return run, manifest
+
+
+class NothingToResume(AprError):
+    """A finished run resumed with nothing more to do: said, and nothing is written."""
+
+    label = "nothing to do"
+
+    def __init__(self, message: str):
+        super().__init__(message, exit_code=0)
 
 
 def resume(
@@ -101,6 +108,11 @@ def resume(
     step = checkpoint["pipeline"]["step"]
     if options.train.steps < step:
         raise AprError(f"--steps {options.train.steps} is below the checkpoint's step {step}")
+    if options.train.steps == step and manifest.get("status") == "completed":
+        raise NothingToResume(
+            f"--resume {run_dir}: the run completed all {step} steps; nothing changed "
+            f"(pass --steps N above {step} to train further)"
+        )
     warmed = run.path / TEACHER_WARMED
     load = replace(options, teacher=str(warmed), teacher_warmup=0) if warmed.is_dir() else options
     p = prepare(load)
@@ -172,11 +184,11 @@ def train_run(
         weights = pipeline.student_state()  # collective: gathers shards under FSDP2
         if run.writable:
             save_model(model_from_state(p.student.config, weights), run.student_dir)
-            write_loss_plot(run.path / LOSS_PLOT, pipeline.losses)
+            write_loss_plot(run.path / LOSS_PLOT, run.loss_history(p.teacher is not None))
     except BaseException as e:
         if pipeline.losses and run.writable:
             manifest.update(summary(pipeline.result()))
-            write_loss_plot(run.path / LOSS_PLOT, pipeline.losses)
+            write_loss_plot(run.path / LOSS_PLOT, run.loss_history(p.teacher is not None))
         finish_failed(run, manifest, e, steps_completed=pipeline.step)
         raise
     manifest.update(status="completed", finished_at=utc_now(), **summary(result))

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from apr_cli.distill.pipeline import StepMetrics
+from apr_cli.distill.plot import LossHistory
 from apr_cli.errors import AprError
 from apr_cli.fsutil import atomic_write_bytes, atomic_write_json
 
@@ -34,18 +35,36 @@ def utc_now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
-def default_run_dir(prefix: str = "distill") -> Path:
-    """runs/PREFIX-YYYYMMDD-HHMMSS in UTC."""
-    return Path("runs") / f"{prefix}-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}"
+def default_run_dir(prefix: str = "distill", claim: bool = True) -> Path:
+    """runs/PREFIX-YYYYMMDD-HHMMSS in UTC, with -2, -3, ... for runs started in the same second.
+
+    `claim` creates the directory, so two runs never pick the same one; torchrun's other ranks
+    (which write nothing) only name it.
+    """
+    base = Path("runs") / f"{prefix}-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}"
+    if not claim:
+        return base
+    base.parent.mkdir(parents=True, exist_ok=True)
+    path, n = base, 1
+    while True:
+        try:
+            path.mkdir()  # atomic: exactly one run gets each name
+            return path
+        except FileExistsError:
+            n += 1
+            path = base.with_name(f"{base.name}-{n}")
 
 
-def format_step(m: StepMetrics) -> str:
-    """The one line a step leaves in the terminal and in the victory log."""
+def format_step(m: StepMetrics, with_teacher: bool = True) -> str:
+    """The one line a step leaves in the terminal and in the victory log.
+
+    Without a teacher the loss is the CE alone: no kd and ce columns.
+    """
     width = len(str(m.steps))
+    terms = f" kd={m.kd_loss:.4f} ce={m.ce_loss:.4f}" if with_teacher else ""
     line = (
-        f"step {m.step:>{width}}/{m.steps} loss={m.loss:.4f} kd={m.kd_loss:.4f} "
-        f"ce={m.ce_loss:.4f} lr={m.lr:.2e} tok/s={m.tokens_per_s:.0f} "
-        f"sec/step={m.sec_per_step:.3f}"
+        f"step {m.step:>{width}}/{m.steps} loss={m.loss:.4f}{terms} lr={m.lr:.2e} "
+        f"tok/s={m.tokens_per_s:.0f} sec/step={m.sec_per_step:.3f}"
     )
     if m.kind is not None:  # a run that samples: what this step trained on
         line += f" kind={m.kind} gen={m.generated:.1f} sample_s={m.sample_s:.3f}"
@@ -81,6 +100,12 @@ class RunDirectory:
         previous = run.read_manifest()
         if previous is not None and not overwrite:
             status = previous.get("status", "unknown")
+            if status == "running":  # or killed before it could say otherwise: never advise
+                raise AprError(  # overwriting what may still be going
+                    f"--out {run.path}: holds a run that is still running (or was killed "
+                    f"without finishing); continue it with --resume {run.path} once it has "
+                    "stopped, or choose another --out"
+                )
             raise AprError(
                 f"--out {run.path}: already holds a {status} run; "
                 "pass --overwrite to replace it or choose another --out"
@@ -147,6 +172,21 @@ class RunDirectory:
         record.pop("steps")
         with open(self.path / METRICS, "a") as f:
             f.write(json.dumps(record) + "\n")
+
+    def loss_history(self, with_teacher: bool) -> LossHistory:
+        """The steps in metrics.jsonl and the resumes in the manifest, for loss.png."""
+        path = self.path / METRICS
+        lines = path.read_text().splitlines() if path.exists() else []
+        records = [json.loads(line) for line in lines if step_of(line) != float("inf")]
+        resumed = (self.read_manifest() or {}).get("resumed", [])
+        return LossHistory(
+            steps=[r["step"] for r in records],
+            loss=[r["loss"] for r in records],
+            ce=[r["ce_loss"] for r in records],
+            kd=[r["kd_loss"] for r in records] if with_teacher else None,
+            resumes=[r["from_step"] for r in resumed],
+            title=f"{self.path.name}: loss per step",
+        )
 
     def artifact_paths(self) -> dict[str, str]:
         names = {

@@ -14,6 +14,8 @@ from apr_cli.errors import AprError
 
 
 class RunInterrupted(AprError):
+    label = "stopped"  # asked for (Ctrl-C, SIGTERM), not an error
+
     def __init__(self, signum: int, run_dir: Path, step: int, command: str):
         name = signal.Signals(signum).name
         super().__init__(

@@ -15,6 +15,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from apr_cli.errors import AprError
+from apr_cli.fsutil import follow_umask
 from apr_cli.model.config import PRESETS, ModelConfig
 from apr_cli.model.qwen2 import Qwen2ForCausalLM, build_model, count_parameters
 
@@ -256,6 +257,7 @@ def save_model(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    follow_umask(tmp)
     # Swap in the finished folder: a crash before this leaves only the temp folder behind, and
     # the previous model stays whole until the new one is in place.
     if out.exists():
