@@ -13,15 +13,18 @@ from pathlib import Path
 import torch
 
 from apr_cli.data.shards import ShardBatchSource
+from apr_cli.distill.checkpoints import load_latest_checkpoint
 from apr_cli.distill.evaluate import evaluate
 from apr_cli.distill.losses import distill_loss
 from apr_cli.distill.on_policy import sequences_batch
+from apr_cli.distill.run import model_from_state
 from apr_cli.model.checkpoint import load_model
+from apr_cli.model.config import ModelConfig
 from apr_cli.model.generate import generate_batch
 
 SEQ_LEN = 128
-VAL_WINDOWS = 512  # evenly spread over val/ (1,209 windows in all)
-PROMPTS, PROMPT_LEN, NEW_TOKENS = 64, 64, 64  # val windows' first 64 tokens, 64 sampled
+VAL_WINDOWS = 256  # evenly spread over val/ (1,209 windows in all)
+PROMPTS, PROMPT_LEN, NEW_TOKENS = 32, 64, 64  # val windows' first 64 tokens, 64 sampled
 
 
 def kl_on_own_samples(student, teacher, val: ShardBatchSource) -> dict[str, float]:
@@ -46,6 +49,15 @@ def kl_on_own_samples(student, teacher, val: ShardBatchSource) -> dict[str, floa
     return out
 
 
+def trained_student(run: Path, manifest: dict):
+    """The saved student, or for a run stopped early the one in its newest checkpoint."""
+    if (run / "student-trained.apr").is_dir():
+        return load_model(str(run / "student-trained.apr"), dtype=torch.float32)[0]
+    _, checkpoint = load_latest_checkpoint(run)
+    config = ModelConfig.from_hf(manifest["student"]["config"])
+    return model_from_state(config, checkpoint["pipeline"]["student"])
+
+
 def main(out: Path, data: Path, teacher_path: str) -> None:
     teacher, _ = load_model(teacher_path, dtype=torch.float32)
     val = ShardBatchSource(data / "val")
@@ -53,7 +65,7 @@ def main(out: Path, data: Path, teacher_path: str) -> None:
     for run in sorted(out.glob("on-policy-*"), key=lambda p: float(p.name.split("-")[-1])):
         manifest = json.loads((run / "dispatch.json").read_text())
         steps = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
-        student, _ = load_model(str(run / "student-trained.apr"), dtype=torch.float32)
+        student = trained_student(run, manifest)
         sampled = [m for m in steps if m["sample_s"] > 0]
         sample_s = sum(m["sample_s"] for m in sampled)
         generated = (
@@ -65,6 +77,7 @@ def main(out: Path, data: Path, teacher_path: str) -> None:
                 "fraction": manifest["options"]["on_policy"]["fraction"],
                 "steps": len(steps),
                 "sampled_steps": len(sampled),
+                "status": manifest["status"],
                 "wall_s": manifest["wall_time_s"],
                 "sec_per_step": manifest["sec_per_step"],
                 "sampling_share": sample_s / sum(m["sec_per_step"] for m in steps),
@@ -82,14 +95,15 @@ def main(out: Path, data: Path, teacher_path: str) -> None:
     )
     print(f"teacher val loss {teacher_val:.4f} ({VAL_WINDOWS} val windows of {SEQ_LEN})\n")
     print(
-        "| --on-policy | steps (sampled) | val loss | KL(s‖t) own samples | KL(t‖s) own samples "
-        "| teacher NLL of samples | wall s | s/step | sampling share | sampling tok/s |"
+        "| --on-policy | steps (sampled), status | val loss | KL(s‖t) own | KL(t‖s) own "
+        "| teacher NLL own | wall s | s/step | sampling share | sampling tok/s |"
     )
     print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         tps = "" if r["sampling_tokens_per_s"] is None else f"{r['sampling_tokens_per_s']:,.0f}"
         print(
-            f"| {r['fraction']:g} | {r['steps']} ({r['sampled_steps']}) | {r['val_loss']:.4f} | "
+            f"| {r['fraction']:g} | {r['steps']} ({r['sampled_steps']}), {r['status']} | "
+            f"{r['val_loss']:.4f} | "
             f"{r['own_samples_reverse-kl']:.4f} | {r['own_samples_forward-kl']:.4f} | "
             f"{r['own_samples_teacher_nll']:.4f} | {r['wall_s']:.0f} | {r['sec_per_step']:.3f} | "
             f"{r['sampling_share']:.0%} | {tps} |"
