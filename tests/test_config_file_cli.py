@@ -42,7 +42,8 @@ def test_every_option_field_is_a_parameter_of_apr_distill():
     fields.remove("min_lr_ratio")  # no command-line option: a file may only repeat its default
     assert fields <= command_params("distill")
     no_teacher = {"teacher", "teacher_cache", "student_init", "teacher_warmup", "loss"}
-    no_teacher |= {"temperature", "alpha"}
+    no_teacher |= {"temperature", "alpha", "on_policy_fraction", "prompts", "max_new_tokens"}
+    no_teacher |= {"sample_temperature", "sample_top_p", "on_policy_loss", "teacher_samples"}
     assert fields - no_teacher - {"beta"} <= command_params("train")
 
 

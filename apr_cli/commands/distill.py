@@ -11,6 +11,7 @@ from apr_cli.commands.config_option import ConfigFile
 from apr_cli.commands.options import (
     LOSS,
     MODELS,
+    ON_POLICY,
     BatchSize,
     Compile,
     Dataset,
@@ -40,6 +41,7 @@ from apr_cli.commands.options import (
     ValDataset,
     Warmup,
     WeightDecay,
+    flag,
 )
 from apr_cli.commands.training import RunFlags, run_training
 from apr_cli.distill.options import (
@@ -47,6 +49,7 @@ from apr_cli.distill.options import (
     DEFAULT_TEACHER,
     LOSS_KINDS,
     DistillOptions,
+    OnPolicyOptions,
     TrainConfig,
 )
 
@@ -129,6 +132,57 @@ def distill(
         typer.Option(help="JSD mixture weight (--loss jsd), in (0, 1).", rich_help_panel=LOSS),
     ] = TrainConfig.beta,
     loss_chunk: LossChunk = TrainConfig.loss_chunk,
+    on_policy_fraction: Annotated[  # named after its options field: --config finds it so
+        float,
+        typer.Option(
+            "--on-policy",
+            help="Share of optimizer steps (seeded) whose batch is continuations the student "
+            "samples from --prompts, scored by the teacher on the generated tokens only.",
+            rich_help_panel=ON_POLICY,
+        ),
+    ] = OnPolicyOptions.on_policy_fraction,
+    prompts: Annotated[
+        Path | None,
+        typer.Option(
+            help='Prompts for sampled steps: a JSONL of {"prompt": ...} or a shard folder '
+            "(windows cut at a random point).",
+            show_default="--dataset",
+            exists=True,
+            rich_help_panel=ON_POLICY,
+        ),
+    ] = None,
+    max_new_tokens: Annotated[
+        int,
+        typer.Option(help="Tokens sampled after each prompt.", rich_help_panel=ON_POLICY),
+    ] = OnPolicyOptions.max_new_tokens,
+    sample_temperature: Annotated[
+        float,
+        typer.Option(
+            help="Sampling temperature (0 = greedy); the loss keeps --temperature.",
+            rich_help_panel=ON_POLICY,
+        ),
+    ] = OnPolicyOptions.sample_temperature,
+    sample_top_p: Annotated[
+        float,
+        typer.Option(help="Nucleus sampling mass, in (0, 1].", rich_help_panel=ON_POLICY),
+    ] = OnPolicyOptions.sample_top_p,
+    on_policy_loss: Annotated[
+        str,
+        typer.Option(
+            help=f"Divergence on the student's samples ({', '.join(LOSS_KINDS)}); KD only, "
+            "no CE on its own tokens.",
+            rich_help_panel=ON_POLICY,
+        ),
+    ] = OnPolicyOptions.on_policy_loss,
+    teacher_samples: Annotated[
+        bool,
+        flag(
+            "--teacher-samples",
+            help="Sample the continuations from the teacher instead (sequence-level KD), "
+            "with the run's --loss and --alpha.",
+            rich_help_panel=ON_POLICY,
+        ),
+    ] = False,
     compile: Compile = False,
     fsdp: Fsdp = False,
     threads: Threads = DistillOptions.threads,
@@ -184,6 +238,15 @@ def distill(
             seed=seed,
             loss_chunk=loss_chunk,
             compile=compile,
+        ),
+        on_policy=OnPolicyOptions(
+            on_policy_fraction=on_policy_fraction,
+            prompts=prompts,
+            max_new_tokens=max_new_tokens,
+            sample_temperature=sample_temperature,
+            sample_top_p=sample_top_p,
+            on_policy_loss=on_policy_loss,
+            teacher_samples=teacher_samples,
         ),
     )
     flags = RunFlags(out, resume, overwrite, plan_only, json_output)

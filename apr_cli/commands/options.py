@@ -9,6 +9,7 @@ import typer
 
 MODELS, DATA, TRAINING, LOSS, RUN, OUTPUT = "Models", "Data", "Training", "Loss", "Run", "Output"
 WATCH = "Watching"
+ON_POLICY = "On-policy"
 RUNTIME = "Runtime"
 DEVICE_HELP = "auto (CUDA when available, else CPU), cuda or cpu."
 

@@ -98,6 +98,71 @@ class TrainConfig:
 
 
 @dataclass
+class OnPolicyOptions:
+    """What `--on-policy` and its sampling flags asked for."""
+
+    on_policy_fraction: float = 0.0  # share of steps whose batch is sampled (0: corpus only)
+    prompts: Path | None = None  # JSONL of {"prompt": ...} or a shard folder; None: --dataset
+    max_new_tokens: int = 32  # every continuation has this many tokens (no early stop)
+    sample_temperature: float = 1.0  # the loss keeps --temperature
+    sample_top_p: float = 1.0
+    # Reverse KL on the student's own samples: it is the per-token objective whose gradient
+    # pushes down exactly the tokens the student writes and the teacher would not (mode
+    # seeking), what GKD and Thinking Machines' on-policy distillation use.
+    on_policy_loss: str = "reverse-kl"
+    teacher_samples: bool = False  # sample continuations from the teacher (sequence-level KD)
+
+    @property
+    def enabled(self) -> bool:
+        return self.on_policy_fraction > 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "prompts": None if self.prompts is None else str(self.prompts)}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> OnPolicyOptions:
+        return cls(**{**d, "prompts": None if d["prompts"] is None else Path(d["prompts"])})
+
+    def validate(self, seq_len: int, has_teacher: bool, has_dataset: bool) -> None:
+        """Refuse settings that cannot sample, naming the flag."""
+        checks = [
+            (
+                0.0 <= self.on_policy_fraction <= 1.0,
+                f"--on-policy must be in [0, 1], got {self.on_policy_fraction}",
+            ),
+            (
+                # Only a sampling run is held to its --seq-len (the default may exceed a short one).
+                1 <= self.max_new_tokens <= seq_len or not self.enabled,
+                f"--max-new-tokens must be in [1, --seq-len {seq_len}], got {self.max_new_tokens}",
+            ),
+            (
+                self.sample_temperature >= 0,
+                f"--sample-temperature must be >= 0, got {self.sample_temperature}",
+            ),
+            (
+                0.0 < self.sample_top_p <= 1.0,
+                f"--sample-top-p must be in (0, 1], got {self.sample_top_p}",
+            ),
+            (
+                self.on_policy_loss in LOSS_KINDS,
+                f"--on-policy-loss must be one of {', '.join(LOSS_KINDS)}",
+            ),
+            (
+                self.enabled or not self.teacher_samples,
+                "--teacher-samples needs --on-policy > 0 (the share of steps to sample)",
+            ),
+            (not self.enabled or has_teacher, "--on-policy needs a teacher to score the samples"),
+            (
+                not self.enabled or self.prompts is not None or has_dataset,
+                "--on-policy needs --prompts (a JSONL file or a shard folder) or --dataset",
+            ),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise AprError(message)
+
+
+@dataclass
 class DistillOptions:
     """Everything `apr distill` was asked for, before anything is loaded."""
 
@@ -120,11 +185,13 @@ class DistillOptions:
     report_to: str = JSONL  # comma-separated sinks; metrics.jsonl is always written
     threads: int = 0  # CPU threads for torch; 0: the cores this process may use, split over ranks
     train: TrainConfig = field(default_factory=TrainConfig)
+    on_policy: OnPolicyOptions = field(default_factory=OnPolicyOptions)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         for name in ("dataset", "val_dataset", "teacher_cache"):
             d[name] = None if d[name] is None else str(d[name])
+        d["on_policy"] = self.on_policy.to_dict()
         return d
 
     @classmethod
@@ -132,6 +199,9 @@ class DistillOptions:
         """Options as `to_dict` wrote them; unknown or missing fields are refused by name."""
         try:
             fields = {**d, "train": TrainConfig(**d["train"])}
+            # Runs from before on-policy sampling have no on_policy options: they never sampled.
+            if "on_policy" in d:
+                fields["on_policy"] = OnPolicyOptions.from_dict(d["on_policy"])
             for name in ("dataset", "val_dataset", "teacher_cache"):  # absent from older runs
                 fields[name] = None if d.get(name) is None else Path(d[name])
             return cls(**fields)
@@ -163,6 +233,9 @@ class DistillOptions:
 
     def validate(self) -> None:
         self.train.validate()
+        self.on_policy.validate(
+            self.train.seq_len, self.teacher is not None, self.dataset is not None
+        )
         if self.teacher_warmup is not None and self.teacher_warmup < 0:
             raise AprError(f"--teacher-warmup must be >= 0, got {self.teacher_warmup}")
         if self.save_every < 0:
@@ -176,6 +249,8 @@ class DistillOptions:
                 raise AprError("--teacher and --teacher-cache: pass one of them, not both")
             if self.dataset is None:
                 raise AprError("--teacher-cache needs the --dataset it was built from")
+            if self.on_policy.enabled:  # sampled tokens were never cached: a teacher must score
+                raise AprError("--on-policy needs a teacher model, not --teacher-cache")
             if self.teacher_warmup or self.student_init is not None:
                 flag = "--student-init" if self.student_init else "--teacher-warmup"
                 raise AprError(f"{flag} needs a teacher model, not --teacher-cache")
@@ -214,10 +289,13 @@ def resumed_options(
     Refuses a change to a setting outside RESUMABLE_CHANGES, naming its flag.
     """
     train = replace(saved.train, **asked(requested.train, defaults.train))
-    options = replace(saved, train=train, **asked(requested, defaults))
+    on_policy = replace(saved.on_policy, **asked(requested.on_policy, defaults.on_policy))
+    options = replace(saved, train=train, on_policy=on_policy, **asked(requested, defaults))
     changed = [
-        f"--{name.replace('_', '-')} {shown(new)!r} (the run used {shown(old)!r})"
-        for name, old, new in differences(saved, options) + differences(saved.train, train)
+        f"{flag(name)} {shown(new)!r} (the run used {shown(old)!r})"
+        for name, old, new in differences(saved, options)
+        + differences(saved.train, train)
+        + differences(saved.on_policy, on_policy)
         if name not in RESUMABLE_CHANGES
     ]
     if changed:
@@ -226,6 +304,11 @@ def resumed_options(
             "start a new run instead"
         )
     return options
+
+
+def flag(name: str) -> str:
+    """The command-line flag of an options field."""
+    return "--on-policy" if name == "on_policy_fraction" else f"--{name.replace('_', '-')}"
 
 
 def asked(requested: Any, defaults: Any) -> dict[str, Any]:

@@ -13,6 +13,7 @@ from apr_cli.data.shards import ShardBatchSource
 from apr_cli.data.source import BatchSource, SyntheticBatchSource
 from apr_cli.distill.backend import Backend, seed_everything, select_backend
 from apr_cli.distill.losses import auto_chunk_tokens
+from apr_cli.distill.on_policy import PromptSource, kv_cache_bytes, load_prompts
 from apr_cli.distill.options import DistillOptions
 from apr_cli.distill.pipeline import Pipeline, StepMetrics, TrainConfig
 from apr_cli.distill.sinks import check_installed, parse_report_to
@@ -42,6 +43,7 @@ class Prepared:
     warnings: list[str]
     teacher_cache: TeacherCache | None = None  # stands in for the teacher model
     val_source: ShardBatchSource | None = None  # --val-dataset
+    prompts: PromptSource | None = None  # on-policy steps' prompts (--on-policy > 0)
 
     @property
     def teacher_warmup(self) -> int:
@@ -156,6 +158,18 @@ def prepare(options: DistillOptions, plan_only: bool = False) -> Prepared:
         val_source = ShardBatchSource(options.val_dataset, vocab_size=vocab)
         val_source.check_seq_len(cfg.seq_len)
     check_installed(parse_report_to(options.report_to))
+    prompts = None
+    if options.on_policy.enabled:
+        prompts = load_prompts(
+            options.on_policy,
+            options.dataset,
+            student_info.get("path"),
+            vocab,
+            cfg.seq_len,
+            cfg.seed,
+            backend.rank,
+            backend.world_size,
+        )
     warnings = []
     if teacher is not None and same_model(teacher, student, teacher_info, student_info):
         warnings.append(
@@ -173,6 +187,7 @@ def prepare(options: DistillOptions, plan_only: bool = False) -> Prepared:
         warnings,
         cache,
         val_source,
+        prompts,
     )
 
 
@@ -221,12 +236,17 @@ def estimate_memory(p: Prepared) -> dict[str, int]:
     matmul_dtype = p.backend.autocast_dtype or torch.float32
     block = min(cfg.loss_chunk or auto_chunk_tokens(vocab, matmul_dtype), tokens)
     logits = block * vocab * (4 * 4 + (2 if p.backend.autocast_dtype is not None else 0))
-    total = teacher_weights + student_states + activations + logits
+    kv_cache = 0
+    if p.options.on_policy.enabled:
+        sampler = p.teacher if p.options.on_policy.teacher_samples else p.student
+        kv_cache = kv_cache_bytes(sampler, tokens // cfg.seq_len, cfg.seq_len)
+    total = teacher_weights + student_states + activations + logits + kv_cache
     return {
         "teacher_weights": teacher_weights,
         "student_weights_grads_optimizer": student_states,
         "activations": activations,
         "logits": logits,
+        "sampling_kv_cache": kv_cache,
         "total": total,
     }
 
@@ -240,6 +260,9 @@ def plan(p: Prepared) -> dict[str, Any]:
         "teacher_warmup_steps": p.teacher_warmup,
         "shared_vocab_size": p.vocab_size,
         "data": p.source.describe(),
+        "on_policy": None
+        if p.prompts is None
+        else {**p.options.on_policy.to_dict(), "prompt_source": p.prompts.describe()},
         "backend": p.backend.describe(),
         "hyperparameters": cfg.to_dict(),
         "tokens_per_step": cfg.batch_size * cfg.seq_len,

@@ -13,6 +13,7 @@ import torch
 
 from apr_cli.distill.checkpoints import load_latest_checkpoint
 from apr_cli.distill.config_file import CONFIG_FILE, write_config
+from apr_cli.distill.on_policy import SampledBatches
 from apr_cli.distill.options import DistillOptions, resumed_options
 from apr_cli.distill.parallel import any_rank
 from apr_cli.distill.pipeline import Pipeline
@@ -190,6 +191,16 @@ def train_run(
 ) -> dict[str, Any]:
     """Train to the last step (from checkpoint `state` on resume), save, finalize the manifest."""
     emit = main_only(emit, p)
+    sampler = None
+    if p.prompts is not None:
+        sampler = SampledBatches(
+            p.options.on_policy,
+            p.prompts,
+            p.options.train.seed,
+            p.backend.rank,
+            p.backend.world_size,
+            p.backend.device,
+        )
     pipeline = Pipeline(
         p.student,
         p.teacher,
@@ -198,6 +209,7 @@ def train_run(
         p.backend,
         parallel="fsdp" if p.options.fsdp else "ddp",
         teacher_cache=p.teacher_cache,
+        sampler=sampler,
     )
     stop, watch = StopSignals(), None
     try:

@@ -71,11 +71,14 @@ def format_step(m: StepMetrics, with_teacher: bool = True) -> str:
     """
     width = len(str(m.steps))
     terms = f" kd={m.kd_loss:.4f} ce={m.ce_loss:.4f}" if with_teacher else ""
-    return (
+    line = (
         f"step {m.step:>{width}}/{m.steps} loss={m.loss:.4f}{terms} "
         f"{'' if m.aux_loss is None else f'aux={m.aux_loss:.4f} '}"
         f"lr={m.lr:.2e} tok/s={m.tokens_per_s:.0f} sec/step={m.sec_per_step:.3f}"
     )
+    if m.kind is not None:  # a run that samples: what this step trained on
+        line += f" kind={m.kind} gen={m.generated:.1f} sample_s={m.sample_s:.3f}"
+    return line
 
 
 def step_of(metrics_line: str) -> float:
