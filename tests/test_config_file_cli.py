@@ -24,7 +24,7 @@ def apr(*args):
 
 def losses(run_dir):
     lines = (run_dir / "metrics.jsonl").read_text().splitlines()
-    return [r["loss"] for r in map(json.loads, lines) if "kind" not in r]
+    return [r["loss"] for r in map(json.loads, lines) if r.get("kind") != "eval"]
 
 
 def weights(run_dir):
