@@ -103,6 +103,7 @@ class WandbSink:
                 resume="allow",
             )
         except Exception as e:  # no login, no network: W&B's own reasons, on one line
+            wandb.teardown()  # its process-wide settings must not outlive this failed start
             reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise AprError(
                 f"--report-to wandb: {reason} (WANDB_MODE=offline needs no account)"
