@@ -12,8 +12,8 @@
 #   EVIDENCE=DIR     also copy the small files (manifests, logs, evals, table) there
 #   TEMPERATURE, ALPHA   the KD settings (default 1.0 and 0.9)
 #   APR, PYTHON      the apr command and the Python that finds the standard library
-# On a machine shared with other jobs, OMP_NUM_THREADS=1 avoids stalls from oversubscribed
-# threads (the runs in evidence/kd-vs-ce used it).
+# apr lets idle OpenMP threads sleep (OMP_WAIT_POLICY=PASSIVE), so a machine shared with other
+# jobs does not stall the runs; the runs in evidence/kd-vs-ce used OMP_NUM_THREADS=1 instead.
 set -euo pipefail
 
 if [[ $# -lt 1 || $1 == -h || $1 == --help ]]; then
@@ -79,8 +79,18 @@ if [[ ${#files[@]} -eq 0 ]]; then
     exit 2
 fi
 
-# A file is wholly in train or in val (the builder splits by document).
+# The plan and each phase go to stderr (stdout is the table): a full run takes about an hour.
 data=$out/data
+say() { echo "kd-vs-ce: $*" >&2; }
+say "plan (SIZE=${SIZE:-full}): ${#files[@]} .py files from ${corpus}, seeds ${seeds[*]}"
+say "  1. shards in ${data}: BPE vocab ${vocab}, ${val_fraction} held out (kept if built)"
+say "  2. teacher: apr train tiny-teacher, ${teacher_steps} steps of ${batch} x ${seq_len}, evaluated"
+say "  3. per seed: apr distill (T=${temperature}, alpha=${alpha}) and apr train,"
+say "     ${student_steps} steps each, both evaluated"
+say "  4. the table of validation losses"
+
+# A file is wholly in train or in val (the builder splits by document).
+say "1. shards"
 if [[ ! -f $data/val/meta.json ]]; then
     "$apr" shards build "${files[@]}" --out "$data" --train-bpe "$vocab" \
         --val-fraction "$val_fraction" --force
@@ -94,12 +104,14 @@ evaluate() { # MODEL JSON_OUT
         --json >"$2"
 }
 
+say "2. training the teacher"
 "$apr" train --model tiny-teacher "${common[@]}" --steps "$teacher_steps" --lr "$teacher_lr" \
     --seed "${seeds[0]}" --out "$out/teacher"
 teacher=$out/teacher/student-trained.apr
 evaluate "$teacher" "$out/eval-teacher.json"
 for seed in "${seeds[@]}"; do
     run=$out/seed-$seed
+    say "3. seed ${seed}: distilled and cross-entropy students"
     # The same preset student, seeded alike, on the same batches for the same steps.
     "$apr" distill --teacher "$teacher" --student tiny-student "${common[@]}" \
         --steps "$student_steps" --lr "$student_lr" --seed "$seed" \
@@ -110,6 +122,7 @@ for seed in "${seeds[@]}"; do
     evaluate "$run/ce/student-trained.apr" "$run/eval-ce.json"
 done
 
+say "4. table"
 seed_list=$(IFS=,; echo "${seeds[*]}")
 printf '{"size": "%s", "seeds": [%s], "files": %d, "wall_s": %d}\n' \
     "${SIZE:-full}" "$seed_list" "${#files[@]}" $((SECONDS - start)) >"$out/experiment.json"

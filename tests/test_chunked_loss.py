@@ -4,7 +4,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from apr_cli.distill.losses import IGNORE_INDEX, auto_chunk_tokens, distill_loss, kd_loss
+from apr_cli.distill.losses import (
+    IGNORE_INDEX,
+    auto_chunk_tokens,
+    block_loss,
+    distill_loss,
+    kd_loss,
+)
 
 B, T, C, C_T = 3, 8, 16, 24  # N = 24 tokens
 
@@ -123,8 +129,10 @@ def test_bf16_autocast_computes_the_loss_in_fp32():
     torch.testing.assert_close(chunked[2], direct[2], rtol=0.05, atol=0.02)
 
 
-def test_auto_chunk_bounds_block_logits():
-    assert auto_chunk_tokens(151936) * 151936 * 4 <= 96 * 2**20
+def test_auto_chunk_bounds_block_logits_and_grows_for_bf16():
+    fp32, bf16 = auto_chunk_tokens(151936), auto_chunk_tokens(151936, torch.bfloat16)
+    assert fp32 * 151936 * 4 <= 96 * 2**20 < (fp32 + 1) * 151936 * 4
+    assert bf16 * 151936 * 4 <= 256 * 2**20 and bf16 > 2 * fp32
     assert auto_chunk_tokens(10**9) == 1
 
 
@@ -147,3 +155,41 @@ def test_padding_rows_past_the_real_vocab_change_nothing():
         losses.append(parts.loss.detach())
     torch.testing.assert_close(losses[0], losses[1], rtol=0, atol=0)
     assert distill_loss(s_h, s_w, t_h, loud, y).loss != losses[1]  # without it they leak in
+
+
+@pytest.mark.parametrize("kind", ["forward-kl", "reverse-kl", "jsd"])
+@pytest.mark.parametrize("T,alpha", [(1.0, 0.5), (3.0, 1.0), (0.5, 0.0)])
+def test_closed_form_gradient_matches_autograd(kind, T, alpha):
+    """block_loss's d loss / d logits against autograd through kd_loss, per token."""
+    g = torch.Generator().manual_seed(5)
+    s, t = torch.randn(6, 50, generator=g) * 4, torch.randn(6, 50, generator=g) * 4
+    y = torch.randint(0, 50, (6,), generator=g)
+    buffers = [torch.empty(6, 50) for _ in range(2)]
+    grad, kd, ce = block_loss(s.clone(), t / T, buffers, y, kind, T, alpha, 0.3)
+    for i in range(6):  # kd_loss of one token is that token's loss with weight 1
+        logits = s[i : i + 1].clone().requires_grad_()
+        parts = kd_loss(
+            logits, t[i : i + 1], y[i : i + 1], kind=kind, temperature=T, alpha=alpha, beta=0.3
+        )
+        parts.loss.backward()
+        assert kd[i].item() == pytest.approx(parts.kd.item(), rel=1e-5, abs=1e-6)
+        assert ce[i].item() == pytest.approx(parts.ce.item(), rel=1e-5)
+        torch.testing.assert_close(grad[i], logits.grad[0], rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["forward-kl", "reverse-kl", "jsd"])
+def test_peaked_distributions_stay_finite_and_accurate(kind):
+    """Logits ~1000 apart: probabilities underflow to 0; the result matches float64."""
+    s_h, s_w, t_h, t_w, y = inputs()
+    s_h, t_h = s_h * 30, t_h * 30
+    h, w = s_h.clone().requires_grad_(), s_w.clone().requires_grad_()
+    loss = distill_loss(h, w, t_h, t_w, y, chunk_tokens=5, kind=kind, temperature=1.0).loss
+    loss.backward()
+    h64, w64 = s_h.double().requires_grad_(), s_w.double().requires_grad_()
+    t_logits = F.linear(t_h.double(), t_w.double())
+    ref = kd_loss(F.linear(h64, w64), t_logits, y, kind=kind, temperature=1.0).loss
+    ref.backward()
+    assert loss.item() == pytest.approx(ref.item(), rel=1e-5)
+    for got, want in ((h.grad, h64.grad), (w.grad, w64.grad)):
+        assert torch.isfinite(got).all()
+        assert (got.double() - want).abs().max() <= 1e-5 * want.abs().max()

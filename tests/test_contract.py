@@ -194,6 +194,7 @@ def test_non_finite_loss_fails_the_run_and_keeps_the_last_checkpoint(tmp_path, c
     assert not (out_dir / "student-trained.apr").exists()
 
 
+@pytest.mark.slow
 def test_disk_full_while_checkpointing_keeps_the_previous_checkpoint(tmp_path, capsys):
     out_dir = tmp_path / "out"
     args = ["--seq-len", "16", "--batch-size", "4", "--teacher-warmup", "0", "--save-every", "2"]

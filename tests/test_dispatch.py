@@ -28,6 +28,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+pytestmark = pytest.mark.slow  # every test here runs real processes end to end
+
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "scripts" / "dispatch-distill-gx10.sh"
 HOST = "gx10-test"

@@ -48,6 +48,7 @@ def default_run(tmp_path_factory):
     return proc, cwd
 
 
+@pytest.mark.slow
 def test_default_run_trains_exactly_100_steps_and_loss_halves(default_run):
     proc, cwd = default_run
     assert proc.returncode == 0, proc.stderr
@@ -73,6 +74,7 @@ def test_default_run_trains_exactly_100_steps_and_loss_halves(default_run):
     assert len(step_lines(log)) == 100 and "Distillation complete: initial_loss=" in log
 
 
+@pytest.mark.slow
 def test_default_run_saves_a_trained_student_that_reloads(default_run):
     _, cwd = default_run
     run = next((cwd / "runs").iterdir())

@@ -18,6 +18,8 @@ from apr_cli.model.checkpoint import save_model
 from apr_cli.model.config import ModelConfig
 from apr_cli.model.qwen2 import build_model
 
+pytestmark = pytest.mark.slow  # every test here runs real processes end to end
+
 STEPS = 8
 ARGS = ["--steps", str(STEPS), "--seq-len", "16", "--batch-size", "8", "--teacher-warmup", "5",
         "--device", "cpu", "--save-every", "2"]  # fmt: skip
@@ -153,16 +155,14 @@ SHARDED_TEACHER = """
 import sys
 import torch
 from torch.distributed.tensor import DTensor
-from apr_cli.distill.options import DistillOptions
-from apr_cli.distill.pipeline import Pipeline, TrainConfig
-from apr_cli.distill.prepare import load_student, load_teacher, prepare
+from apr_cli.distill.options import DistillOptions, TrainConfig
+from apr_cli.distill.pipeline import Pipeline
+from apr_cli.distill.prepare import prepare
 from apr_cli.model.checkpoint import load_model
 
 folder = sys.argv[1]  # a checkpoint whose MLP width (701) does not split evenly over 2 ranks
 options = DistillOptions(teacher=folder, fsdp=True, device="cpu", train=TrainConfig(steps=1))
-p = prepare(options)
-load_teacher(p)  # this rank's rows of each block tensor, read from the file
-load_student(p)
+p = prepare(options)  # the teacher: this rank's rows of each block tensor, read from the file
 whole, _ = load_model(folder)
 ids = torch.arange(32).view(2, 16)
 reference = whole.hidden_states(ids).detach()

@@ -196,6 +196,9 @@ def test_experiment_script_end_to_end(tmp_path):
         timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
+    phases = [line for line in proc.stderr.splitlines() if line.startswith("kd-vs-ce: ")]
+    assert phases[0].startswith("kd-vs-ce: plan (SIZE=tiny)") and "seeds 7" in phases[0]
+    assert [p.split()[1] for p in phases[6:]] == ["1.", "2.", "3.", "4."]
     meta = json.loads((out / "data" / "val" / "meta.json").read_text())
     train_meta = json.loads((out / "data" / "train" / "meta.json").read_text())
     assert meta["tokenizer_source"].startswith("byte-level BPE") and meta["vocab_size"] <= 512

@@ -119,7 +119,7 @@ def saved(model, tmp_path_factory):
     return save_model(model, tmp_path_factory.mktemp("gen") / "model")
 
 
-@pytest.mark.parametrize("extra", [[], ["--compile"]])
+@pytest.mark.parametrize("extra", [[], pytest.param(["--compile"], marks=pytest.mark.slow)])
 def test_cli_prints_the_new_ids(model, saved, extra):
     result = CliRunner().invoke(
         app, ["generate", str(saved), "--prompt-ids", "5,17,42", "--max-new-tokens", "10", *extra]
@@ -199,6 +199,7 @@ def test_cli_errors_are_one_line(args, message):
     assert result.stderr.startswith("error:") and result.stderr.count("\n") == 1
 
 
+@pytest.mark.slow
 def test_compiled_generation_matches_eager_and_does_not_recompile(model):
     from torch._dynamo.utils import counters
 

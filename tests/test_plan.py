@@ -44,7 +44,7 @@ def test_plan_of_the_7b_preset_builds_no_weights():
 def test_prepare_reads_checkpoint_headers_only(tmp_path):
     cfg = ModelConfig.from_name("tiny-student")
     save_model(build_model(cfg, seed=3), tmp_path / "student")
-    p = prepare(DistillOptions(student=str(tmp_path / "student")))
+    p = prepare(DistillOptions(student=str(tmp_path / "student")), plan_only=True)
     for model in (p.teacher, p.student):
         assert all(t.is_meta for t in model.parameters())
     assert p.student_info["parameters"] == sum(t.numel() for t in p.student.parameters())
@@ -75,7 +75,7 @@ def test_teacher_layers_are_copied_from_the_warmed_up_teacher(tmp_path):
 def test_activation_checkpointing_lowers_the_planned_activations():
     def activations(**train):
         options = DistillOptions(train=TrainConfig(batch_size=4, seq_len=16, **train))
-        return estimate_memory(prepare(options))["activations"]
+        return estimate_memory(prepare(options, plan_only=True))["activations"]
 
     # tiny-student: 2 layers, so 2 x 16 saved tensors per token become 2 + 16.
     assert activations(activation_checkpointing=True) * 32 == activations() * 18
@@ -86,11 +86,11 @@ def test_the_loss_covers_the_datasets_real_vocabulary(tmp_path):
     data.mkdir()
     np.arange(2000, dtype=np.uint32).__mod__(500).tofile(data / "a.bin")
     (data / "meta.json").write_text(json.dumps({"vocab_size": 500}))
-    p = prepare(DistillOptions(dataset=data, train=TrainConfig(batch_size=4, seq_len=16)))
-    info = plan(p)
+    options = DistillOptions(dataset=data, train=TrainConfig(batch_size=4, seq_len=16))
+    info = plan(prepare(options, plan_only=True))
     assert (info["shared_vocab_size"], info["loss_vocab_size"]) == (512, 500)
     assert info["hyperparameters"]["vocab_size"] == 500  # the manifest records the size used
     override = DistillOptions(dataset=data, train=TrainConfig(seq_len=16, vocab_size=510))
-    assert plan(prepare(override))["loss_vocab_size"] == 510
+    assert plan(prepare(override, plan_only=True))["loss_vocab_size"] == 510
     with pytest.raises(AprError, match="--vocab-size 600 exceeds the 512 rows"):
-        prepare(DistillOptions(train=TrainConfig(vocab_size=600)))
+        prepare(DistillOptions(train=TrainConfig(vocab_size=600)), plan_only=True)

@@ -15,6 +15,8 @@ from typer.testing import CliRunner
 from apr_cli.cli import app
 from apr_cli.distill.checkpoints import list_checkpoints
 
+pytestmark = pytest.mark.slow  # every test here runs real processes end to end
+
 STEPS = 24
 ARGS = ["--steps", str(STEPS), "--save-every", "4", "--seq-len", "16", "--batch-size", "4",
         "--teacher-warmup", "5", "--device", "cpu"]  # fmt: skip

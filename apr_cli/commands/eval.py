@@ -11,9 +11,8 @@ from rich.console import Console
 from rich.markup import escape
 
 from apr_cli.commands.common import user_errors
-from apr_cli.commands.options import DATA, OUTPUT, Device, SeqLen
-from apr_cli.distill.evaluate import DEFAULT_WINDOWS, evaluate_model
-from apr_cli.distill.pipeline import TrainConfig
+from apr_cli.commands.options import DATA, DEVICE_HELP, OUTPUT, RUNTIME, SeqLen, flag
+from apr_cli.distill.options import DEFAULT_WINDOWS, TrainConfig
 
 stdout = Console(highlight=False, soft_wrap=True)
 
@@ -22,8 +21,8 @@ def eval_model(
     model: Annotated[
         str,
         typer.Argument(
-            help="A local Hugging Face folder (e.g. RUN/student-trained.apr), a hub id in the "
-            "local cache, or a preset.",
+            help="A local Hugging Face folder (e.g. RUN/student-trained.apr), a .gguf file, a "
+            "hub id in the local cache, or a preset.",
             metavar="MODEL",
             show_default=False,
         ),
@@ -48,12 +47,14 @@ def eval_model(
     batch_size: Annotated[
         int, typer.Option(help="Windows per forward pass.", rich_help_panel=DATA)
     ] = 16,
-    device: Device = "auto",
+    device: Annotated[str, typer.Option(help=DEVICE_HELP, rich_help_panel=RUNTIME)] = "auto",
     json_output: Annotated[
-        bool, typer.Option("--json", help="Print the report as JSON.", rich_help_panel=OUTPUT)
+        bool, flag("--json", help="Print the report as JSON.", rich_help_panel=OUTPUT)
     ] = False,
 ) -> None:
     """Mean next-token loss (nats per token) and perplexity over fixed, deterministic windows."""
+    from apr_cli.distill.evaluate import evaluate_model  # torch: only when the command runs
+
     with user_errors():
         report = evaluate_model(
             model,

@@ -6,20 +6,20 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
-import torch
 import typer
 
 from apr_cli.commands.common import user_errors
-from apr_cli.distill.backend import resolve_device
+from apr_cli.commands.options import RUNTIME, flag
 from apr_cli.errors import AprError
 
 if TYPE_CHECKING:
+    import torch
+
     from apr_cli.data.tokenizer import TextTokenizer
     from apr_cli.model.qwen2 import Qwen2ForCausalLM
 
 PROMPT = "Prompt"
 SAMPLING = "Sampling"
-RUNTIME = "Runtime"
 
 
 def parse_ids(value: str) -> list[int]:
@@ -57,7 +57,11 @@ def load_model_and_tokenizer(
 def generate(
     model: Annotated[
         str,
-        typer.Argument(help="A model folder (HF layout), a preset name, or a cached hub id."),
+        typer.Argument(
+            help="A model folder (HF layout), a .gguf file, a preset name, or a cached hub id.",
+            metavar="MODEL",
+            show_default=False,
+        ),
     ],
     prompt_ids: Annotated[
         str | None,
@@ -100,17 +104,20 @@ def generate(
     ] = "auto",
     compile_model: Annotated[
         bool,
-        typer.Option(
+        flag(
             "--compile",
             help="torch.compile the forward passes (the first call compiles; meant for GPUs).",
             rich_help_panel=RUNTIME,
         ),
     ] = False,
     as_json: Annotated[
-        bool, typer.Option("--json", help="Print one JSON object.", rich_help_panel=RUNTIME)
+        bool, flag("--json", help="Print one JSON object.", rich_help_panel=RUNTIME)
     ] = False,
 ) -> None:
     """Generate tokens after a prompt and print their ids (and text, with a tokenizer)."""
+    import torch
+
+    from apr_cli.distill.backend import resolve_device
     from apr_cli.model.generate import generate as generate_tokens
 
     with user_errors():

@@ -3,11 +3,21 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
 MODELS, DATA, TRAINING, LOSS, RUN, OUTPUT = "Models", "Data", "Training", "Loss", "Run", "Output"
+WATCH = "Watching"
+ON_POLICY = "On-policy"
+RUNTIME = "Runtime"
+DEVICE_HELP = "auto (CUDA when available, else CPU), cuda or cpu."
+
+
+def flag(name: str, **kwargs: Any) -> Any:
+    """A value-less option: `name` alone (no --no-name), shown without a type in --help."""
+    return typer.Option(name, metavar="", **kwargs)
+
 
 Dataset = Annotated[
     Path | None,
@@ -21,7 +31,7 @@ Dataset = Annotated[
 ]
 Shuffle = Annotated[
     bool,
-    typer.Option(
+    flag(
         "--shuffle",
         help="Read the dataset's windows in a random order (seeded by --seed, new each epoch).",
         rich_help_panel=DATA,
@@ -57,10 +67,20 @@ WeightDecay = Annotated[float, typer.Option(help="AdamW weight decay.", rich_hel
 Seed = Annotated[
     int, typer.Option(help="Seed for init, data order and sampling.", rich_help_panel=TRAINING)
 ]
-Device = Annotated[
+Device = Annotated[str, typer.Option(help=DEVICE_HELP, rich_help_panel=TRAINING)]
+Dtype = Annotated[
     str,
     typer.Option(
-        help="auto (CUDA with bf16 when available, else CPU), cuda or cpu.",
+        help="Matmul precision: auto (bf16 on CUDA, fp32 on the CPU), bf16 or fp32. "
+        "The loss, master weights and optimizer state stay fp32.",
+        rich_help_panel=TRAINING,
+    ),
+]
+Threads = Annotated[
+    int,
+    typer.Option(
+        help="CPU threads for torch; 0: one per core this process may use (split over torchrun "
+        "ranks). Idle threads sleep unless OMP_WAIT_POLICY says otherwise.",
         rich_help_panel=TRAINING,
     ),
 ]
@@ -73,8 +93,10 @@ LossChunk = Annotated[
 ]
 Compile = Annotated[
     bool,
-    typer.Option(
-        "--compile", help="torch.compile the models' forward passes.", rich_help_panel=TRAINING
+    flag(
+        "--compile",
+        help="torch.compile the models' forward passes.",
+        rich_help_panel=TRAINING,
     ),
 ]
 VocabSize = Annotated[
@@ -88,7 +110,8 @@ VocabSize = Annotated[
 ]
 ActivationCheckpointing = Annotated[
     bool,
-    typer.Option(
+    flag(
+        "--activation-checkpointing",
         help="Recompute each student block's activations in backward instead of keeping them: "
         "less memory for a student that does not fit, about a third more compute.",
         rich_help_panel=TRAINING,
@@ -96,7 +119,7 @@ ActivationCheckpointing = Annotated[
 ]
 Fsdp = Annotated[
     bool,
-    typer.Option(
+    flag(
         "--fsdp",
         help="Under torchrun, shard student and teacher with FSDP2 instead of replicating (DDP).",
         rich_help_panel=TRAINING,
@@ -105,7 +128,8 @@ Fsdp = Annotated[
 Out = Annotated[
     Path | None,
     typer.Option(
-        help="Run directory [default: runs/COMMAND-YYYYMMDD-HHMMSS, UTC].",
+        help="Run directory.",
+        show_default="runs/COMMAND-YYYYMMDD-HHMMSS in UTC, then -2, -3... if taken",
         file_okay=False,
         rich_help_panel=RUN,
     ),
@@ -127,11 +151,11 @@ KeepCheckpoints = Annotated[
     int, typer.Option(help="Checkpoints kept (the newest).", rich_help_panel=RUN)
 ]
 Overwrite = Annotated[
-    bool, typer.Option(help="Replace a run already in --out.", rich_help_panel=RUN)
+    bool, flag("--overwrite", help="Replace a finished run already in --out.", rich_help_panel=RUN)
 ]
 PlanOnly = Annotated[
     bool,
-    typer.Option(
+    flag(
         "--plan",
         help="Print the resolved plan (models, sizes, memory, data) and exit.",
         rich_help_panel=RUN,
@@ -139,9 +163,48 @@ PlanOnly = Annotated[
 ]
 JsonOutput = Annotated[
     bool,
-    typer.Option(
+    flag(
         "--json",
         help="Print the final summary (or plan) as JSON on stdout; step lines go to stderr.",
         rich_help_panel=RUN,
+    ),
+]
+ValDataset = Annotated[
+    Path | None,
+    typer.Option(
+        help="Held-out shards (*.bin) scored during training: val loss, and with a teacher the "
+        "KL to it and top-1 agreement.",
+        exists=True,
+        file_okay=False,
+        rich_help_panel=WATCH,
+    ),
+]
+EvalEvery = Annotated[
+    int,
+    typer.Option(
+        help="Steps between evals on --val-dataset (0: after the last step only).",
+        rich_help_panel=WATCH,
+    ),
+]
+EvalWindows = Annotated[
+    int,
+    typer.Option(
+        help="Val windows scored at each eval, the same ones every time (0: all).",
+        rich_help_panel=WATCH,
+    ),
+]
+KeepBest = Annotated[
+    bool,
+    flag(
+        "--keep-best",
+        help="Keep the student with the lowest val loss as RUN/student-best.apr.",
+        rich_help_panel=WATCH,
+    ),
+]
+ReportTo = Annotated[
+    str,
+    typer.Option(
+        help="Where metrics go besides metrics.jsonl: tensorboard, wandb (comma-separated).",
+        rich_help_panel=WATCH,
     ),
 ]

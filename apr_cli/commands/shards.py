@@ -7,7 +7,7 @@ import json
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
@@ -22,9 +22,10 @@ from rich.progress import (
 )
 
 from apr_cli.commands.common import fail, stderr, user_errors
-from apr_cli.data.build import build_shards, collect_inputs
-from apr_cli.data.shards import dataset_dirs, inspect_shards, read_meta
-from apr_cli.data.tokenizer import TextTokenizer, load_tokenizer
+from apr_cli.commands.options import flag
+
+if TYPE_CHECKING:
+    from apr_cli.data.tokenizer import TextTokenizer
 
 app = typer.Typer(help="Build token shards from text, and inspect them.", no_args_is_help=True)
 stdout = Console(highlight=False, soft_wrap=True)
@@ -40,7 +41,7 @@ def build(
         typer.Argument(
             help="Text or code files (one document each), .jsonl files (one document per line), "
             "directories (walked recursively, hidden and binary files skipped) or globs.",
-            metavar="INPUT...",
+            metavar="INPUT",
             show_default=False,
         ),
     ],
@@ -84,10 +85,12 @@ def build(
     ] = 100_000_000,
     force: Annotated[
         bool,
-        typer.Option("--force", help="Replace a non-empty --out folder.", rich_help_panel=OUTPUT),
+        flag("--force", help="Replace a non-empty --out folder.", rich_help_panel=OUTPUT),
     ] = False,
 ) -> None:
     """Tokenize text into uint32 shards, EOS after each document, with a train/val split."""
+    from apr_cli.data.build import build_shards, collect_inputs  # torch: only when run
+
     with user_errors():
         files = collect_inputs(inputs)
         total = sum(f.path.stat().st_size for f in files)
@@ -164,10 +167,12 @@ def inspect(
         int, typer.Option(help="Tokens to decode from the start.", rich_help_panel="Output")
     ] = 64,
     as_json: Annotated[
-        bool, typer.Option("--json", help="Print a JSON report.", rich_help_panel="Output")
+        bool, flag("--json", help="Print a JSON report.", rich_help_panel="Output")
     ] = False,
 ) -> None:
     """Files, token count, id range, vocab check and a decoded sample; exit 1 if ids are too big."""
+    from apr_cli.data.shards import dataset_dirs, inspect_shards  # torch: only when run
+
     with user_errors():
         reports = []
         for folder in dataset_dirs(path):
@@ -186,6 +191,9 @@ def inspect(
 
 def _tokenizer_for(folder: Path, spec: str | None) -> TextTokenizer | None:
     """The --tokenizer if given, else the one meta.json names (relative to the folder)."""
+    from apr_cli.data.shards import read_meta
+    from apr_cli.data.tokenizer import load_tokenizer
+
     if spec is not None:
         return load_tokenizer(spec)
     meta = read_meta(folder) or {}

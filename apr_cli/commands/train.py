@@ -6,6 +6,7 @@ from typing import Annotated
 
 import typer
 
+from apr_cli.commands.config_option import ConfigFile
 from apr_cli.commands.options import (
     MODELS,
     ActivationCheckpointing,
@@ -13,37 +14,45 @@ from apr_cli.commands.options import (
     Compile,
     Dataset,
     Device,
+    Dtype,
+    EvalEvery,
+    EvalWindows,
     Fsdp,
     GradAccum,
     GradClip,
     JsonOutput,
+    KeepBest,
     KeepCheckpoints,
     LossChunk,
     Lr,
     Out,
     Overwrite,
     PlanOnly,
+    ReportTo,
     Resume,
     SaveEvery,
     Seed,
     SeqLen,
     Shuffle,
     Steps,
+    Threads,
+    ValDataset,
     VocabSize,
     Warmup,
     WeightDecay,
 )
 from apr_cli.commands.training import RunFlags, run_training
-from apr_cli.distill.options import DEFAULT_STUDENT, DistillOptions
-from apr_cli.distill.pipeline import TrainConfig
+from apr_cli.distill.options import DEFAULT_STUDENT, DistillOptions, TrainConfig
 
 
 def train(
-    model: Annotated[
+    student: Annotated[  # named after the options field it sets: --config finds it by name
         str,
         typer.Option(
-            help="Model to train: a local Hugging Face folder, a hub id in the local cache, or a "
-            "preset (freshly initialised from --seed). Saved as RUN/student-trained.apr.",
+            "--model",
+            help="Model to train: a local Hugging Face folder, a .gguf file, a hub id in the "
+            "local cache, or a preset (freshly initialised from --seed). Saved as "
+            "RUN/student-trained.apr.",
             rich_help_panel=MODELS,
         ),
     ] = DEFAULT_STUDENT,
@@ -59,13 +68,21 @@ def train(
     weight_decay: WeightDecay = TrainConfig.weight_decay,
     seed: Seed = TrainConfig.seed,
     device: Device = DistillOptions.device,
+    dtype: Dtype = DistillOptions.dtype,
     loss_chunk: LossChunk = TrainConfig.loss_chunk,
-    compile_models: Compile = False,
+    compile: Compile = False,
     activation_checkpointing: ActivationCheckpointing = False,
     vocab_size: VocabSize = TrainConfig.vocab_size,
     fsdp: Fsdp = False,
+    threads: Threads = DistillOptions.threads,
     out: Out = None,
     resume: Resume = None,
+    val_dataset: ValDataset = None,
+    eval_every: EvalEvery = DistillOptions.eval_every,
+    eval_windows: EvalWindows = DistillOptions.eval_windows,
+    keep_best: KeepBest = False,
+    report_to: ReportTo = DistillOptions.report_to,
+    config: ConfigFile(DistillOptions(teacher=None), "train") = None,
     save_every: SaveEvery = DistillOptions.save_every,
     keep_checkpoints: KeepCheckpoints = DistillOptions.keep_checkpoints,
     overwrite: Overwrite = False,
@@ -78,13 +95,20 @@ def train(
     """
     options = DistillOptions(
         teacher=None,
-        student=model,
+        student=student,
         dataset=dataset,
         shuffle=shuffle,
         device=device,
+        dtype=dtype,
         save_every=save_every,
         fsdp=fsdp,
         keep_checkpoints=keep_checkpoints,
+        val_dataset=val_dataset,
+        eval_every=eval_every,
+        eval_windows=eval_windows,
+        keep_best=keep_best,
+        report_to=report_to,
+        threads=threads,
         train=TrainConfig(
             steps=steps,
             batch_size=batch_size,
@@ -96,7 +120,7 @@ def train(
             grad_clip=grad_clip,
             seed=seed,
             loss_chunk=loss_chunk,
-            compile=compile_models,
+            compile=compile,
             activation_checkpointing=activation_checkpointing,
             vocab_size=vocab_size,
         ),

@@ -17,6 +17,7 @@ import numpy as np
 from apr_cli.data.shards import META_FILE, RAW_DTYPE, write_shard
 from apr_cli.data.tokenizer import TextTokenizer, load_tokenizer, train_bpe
 from apr_cli.errors import AprError
+from apr_cli.fsutil import follow_umask
 
 TOKENIZER_FILE = "tokenizer.json"
 SPLITS = ("train", "val")
@@ -155,6 +156,9 @@ def build_shards(
         raise AprError(f"--out {out}: exists and is not a directory")
     if out.is_dir() and any(out.iterdir()) and not force:
         raise AprError(f"--out {out}: directory is not empty (pass --force to replace it)")
+    inside = [f.path for f in files if out.resolve() in f.path.resolve().parents]
+    if inside:  # --force would delete the inputs it is reading
+        raise AprError(f"--out {out}: holds the input {inside[0]}; choose another --out")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
@@ -169,6 +173,7 @@ def build_shards(
             shard_tokens,
             progress,
         )
+        follow_umask(tmp)
         _replace_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

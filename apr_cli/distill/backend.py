@@ -14,12 +14,13 @@ import torch.distributed as dist
 from apr_cli.errors import AprError
 
 DEVICES = ("auto", "cuda", "cpu")
+DTYPES = ("auto", "bf16", "fp32")
 
 
 @dataclass(frozen=True)
 class Backend:
     device: torch.device
-    autocast_dtype: torch.dtype | None  # bf16 on CUDA; None means plain fp32
+    autocast_dtype: torch.dtype | None  # bf16 for the matmuls; None means plain fp32
     rank: int = 0  # this process's rank under torchrun
     world_size: int = 1  # processes training together
 
@@ -56,14 +57,17 @@ class Backend:
         return info
 
 
-def select_backend(device: str = "auto") -> Backend:
-    """auto: CUDA (bf16 autocast, TF32 matmuls) when available, else CPU in fp32.
+def select_backend(device: str = "auto", dtype: str = "auto") -> Backend:
+    """auto: CUDA (TF32 matmuls) when available, else CPU; matmuls in `dtype` under autocast.
 
-    Under torchrun (WORLD_SIZE > 1 in the environment) this joins the process group: nccl on
-    CUDA, gloo on CPU, one GPU per local rank.
+    dtype auto: bf16 on CUDA, fp32 on the CPU (there bf16 pays only for large matmuls, see
+    docs/performance.md; ask for it with dtype="bf16"). Under torchrun (WORLD_SIZE > 1 in the
+    environment) this joins the process group: nccl on CUDA, gloo on CPU, one GPU per local rank.
     """
     if device not in DEVICES:
         raise AprError(f"--device: expected one of {', '.join(DEVICES)}, got {device!r}")
+    if dtype not in DTYPES:
+        raise AprError(f"--dtype: expected one of {', '.join(DTYPES)}, got {dtype!r}")
     use_cuda = resolve_device(device).type == "cuda"
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size > 1 and not dist.is_initialized():
@@ -71,12 +75,15 @@ def select_backend(device: str = "auto") -> Backend:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         dist.init_process_group("nccl" if use_cuda else "gloo")
     rank = dist.get_rank() if world_size > 1 else 0
+    if dtype == "auto":
+        dtype = "bf16" if use_cuda else "fp32"
+    autocast_dtype = torch.bfloat16 if dtype == "bf16" else None
     if not use_cuda:
-        return Backend(torch.device("cpu"), None, rank, world_size)
+        return Backend(torch.device("cpu"), autocast_dtype, rank, world_size)
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
     return Backend(
-        torch.device("cuda", torch.cuda.current_device()), torch.bfloat16, rank, world_size
+        torch.device("cuda", torch.cuda.current_device()), autocast_dtype, rank, world_size
     )
 
 

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
+from apr_cli.distill.options import LOSS_KINDS
+
 IGNORE_INDEX = -100
-LOSS_KINDS = ("forward-kl", "reverse-kl", "jsd")
 
 
 @dataclass(frozen=True)
@@ -110,21 +112,111 @@ def kd_loss(
     return LossParts(*parts)
 
 
-# A block's fp32 logits take at most this many bytes; the loss holds about nine such (N, V)
-# tensors at once. 165 tokens at Qwen's vocab: with fewer, the CPU matmuls against the
-# (V, C) weight lose speed (half at 55 tokens), with more, memory grows for little gain.
-BLOCK_LOGITS_BYTES = 96 * 2**20
+# A block's fp32 logits take at most this many bytes; the loss holds four such (N, V) buffers
+# (five in bf16). Measured on a 2-core AMX CPU at Qwen's vocab (docs/performance.md): fp32
+# matmuls against the (V, C) weight reach their rate at ~160 rows (96 MiB: 165 tokens), AMX bf16
+# ones need ~500 (256 MiB: 441 tokens), where each block's bf16 weight-gradient product added
+# into the fp32 sum also costs less per token. Hidden sizes do not enter: per block and per
+# token, matmul and that addition both grow with C alike.
+BLOCK_LOGITS_BYTES = {torch.float32: 96 * 2**20, torch.bfloat16: 256 * 2**20}
 
 
-def auto_chunk_tokens(vocab: int) -> int:
-    """Tokens per loss block so that a block's fp32 logits fit in BLOCK_LOGITS_BYTES."""
-    return max(1, BLOCK_LOGITS_BYTES // (4 * vocab))
+def auto_chunk_tokens(vocab: int, dtype: torch.dtype = torch.float32) -> int:
+    """Tokens per loss block for matmuls in `dtype`, so that block logits fit the budget."""
+    budget = BLOCK_LOGITS_BYTES.get(dtype, BLOCK_LOGITS_BYTES[torch.bfloat16])
+    return max(1, budget // (4 * vocab))
+
+
+def _rowdot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """sum(a * b, -1) for (n, V) tensors, without an (n, V) temporary."""
+    return torch.bmm(a.unsqueeze(1), b.unsqueeze(2)).view(-1)  # (n,)
+
+
+def _log_sum_exp(z: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
+    """logsumexp of each row of z (n, V) given probs = softmax(z), by two reads, no exp.
+
+    At the largest logit lse = z - log softmax(z), and that probability is >= 1/V, so its log
+    is as exact as the probability itself.
+    """
+    return z.amax(-1) - probs.amax(-1).log()  # (n,)
+
+
+def block_loss(
+    logits: torch.Tensor,
+    teacher: torch.Tensor | None,
+    scratch: tuple[torch.Tensor, torch.Tensor],
+    labels: torch.Tensor,
+    kind: str,
+    temperature: float,
+    alpha: float,
+    beta: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-token KD and CE of one block and d loss / d logits in closed form, no autograd.
+
+    logits: (n, V) fp32 student logits; teacher: (n, V) fp32 teacher logits already divided by
+    T, or None; scratch: two more (n, V) fp32 buffers. All four are overwritten: the gradient
+    lands in one of them, which is returned with kd (n,) and ce (n,). The gradient is per token,
+    before the per-token weight keep / token count, which the caller applies on the (n, C) side.
+    With z = logits / T, q = softmax(z), p = softmax(logits) and the teacher's q_t:
+      forward KL: d/dz = q - q_t
+      reverse KL: d/dz = q * (log q - log q_t - KL(q || q_t))
+      JSD:        d/dz = (1 - beta) * q * (log q - log m - KL(q || m)), m = beta q_t + (1 - beta) q
+    and d loss / d logits = alpha * T * d/dz + (1 - alpha) * (p - onehot(label)). Each
+    distribution costs one exp per logit (a softmax); log-sum-exps come from two reads.
+    """
+    grad, work = scratch
+    rows = torch.arange(labels.shape[0], device=labels.device)
+    y = labels.clamp(min=0)  # ignored rows get any finite gradient; their weight is 0
+    p = torch.softmax(logits, -1, out=grad)
+    ce = _log_sum_exp(logits, p) - logits[rows, y]  # (n,)
+    ce_weight = 1.0 if teacher is None else 1.0 - alpha  # with no teacher the loss is CE alone
+    grad.mul_(ce_weight)
+    grad[rows, y] -= ce_weight  # the CE part: (1 - alpha) * (p - onehot)
+    if teacher is None:
+        return grad, torch.zeros_like(ce), ce
+    q_t = torch.softmax(teacher, -1, out=work)  # (n, V)
+    lse_t = _log_sum_exp(teacher, q_t)  # (n,)
+    z = logits.div_(temperature) if temperature != 1.0 else logits  # (n, V) student
+    if kind == "forward-kl":  # KL = sum q_t (z_t - z) - lse_t + lse
+        kd = _rowdot(q_t, teacher.sub_(z)) - lse_t
+        q = torch.softmax(z, -1, out=teacher)
+        kd += _log_sum_exp(z, q)
+        d_z = q.sub_(q_t)
+    elif kind == "reverse-kl":  # KL = sum q (z - z_t) - lse + lse_t
+        q = torch.softmax(z, -1, out=work)
+        shift = _log_sum_exp(z, q) - lse_t  # log q - log q_t = z - z_t - shift
+        diff = torch.sub(z, teacher, out=teacher)
+        kd = _rowdot(q, diff) - shift
+        d_z = diff.sub_((kd + shift).unsqueeze(1)).mul_(q)
+    elif kind == "jsd":
+        if not 0.0 < beta < 1.0:
+            raise ValueError(f"jsd beta must be in (0, 1), got {beta}")
+        q = torch.softmax(z, -1, out=work)
+        log_q = z.sub_(_log_sum_exp(z, q).unsqueeze(1))
+        log_qt = teacher.sub_(lse_t.unsqueeze(1))
+        log_b, log_1b = math.log(beta), math.log(1.0 - beta)
+        # u = log(beta q_t / m) and w = log((1 - beta) q / m) are <= 0, so their exps cannot
+        # overflow: beta KL(q_t || m) = sum m e^u u - beta log beta, (1 - beta) KL(q || m) likewise.
+        log_m = torch.logaddexp(log_qt.add_(log_b), log_q.add_(log_1b), out=work)
+        u, w = log_qt.sub_(log_m), log_q.sub_(log_m)
+        m = log_m.exp_()
+        e_u = u.exp_()
+        beta_kl_t = _rowdot(m, e_u.xlogy_(e_u)) - beta * log_b  # e^u u as e^u log e^u
+        mixed_q = torch.exp(w, out=e_u).mul_(m)  # (1 - beta) q
+        kl_s = _rowdot(mixed_q, w) / (1.0 - beta) - log_1b
+        kd = beta_kl_t + (1.0 - beta) * kl_s
+        d_z = w.sub_((log_1b + kl_s).unsqueeze(1)).mul_(mixed_q)
+    else:
+        raise ValueError(f"unknown loss {kind!r}; choose from {', '.join(LOSS_KINDS)}")
+    grad.add_(d_z, alpha=alpha * temperature)
+    return grad, kd, ce
 
 
 class _ChunkedDistillLoss(torch.autograd.Function):
     """The loss and its gradients in one forward pass over token blocks; backward only scales.
 
-    Only one block's (chunk, V) logits exist at a time, never the full (N, V) of either model.
+    Only one block's (chunk, V) logits exist at a time, never the full (N, V) of either model,
+    and the block buffers are allocated once per call, not once per block.
     """
 
     @staticmethod
@@ -141,62 +233,93 @@ class _ChunkedDistillLoss(torch.autograd.Function):
         temperature: float,
         alpha: float,
         beta: float,
+        mm_dtype: torch.dtype,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         need_h, need_w = ctx.needs_input_grad[:2]
-        need_grad = need_h or need_w
+        device = student_hidden.device
+        # Matmuls run in mm_dtype (the ambient autocast's: bf16 on CUDA or with --dtype bf16),
+        # each operand cast once per call rather than once per block; the loss math runs in fp32.
+        weight = student_weight[:vocab].to(mm_dtype)  # (V, C)
+        hidden = student_hidden.to(mm_dtype)  # (N, C)
+        has_teacher = teacher_hidden is not None
+        if has_teacher:  # softened logits straight from the matmul: (h / T) @ W^T
+            teacher_w = teacher_weight[:vocab].to(mm_dtype)  # (V, C_t)
+            teacher_hidden = (teacher_hidden.float() / temperature).to(mm_dtype)  # (N, C_t)
+        size = min(chunk, labels.shape[0])
+        fp32 = [torch.empty(size, vocab, device=device) for _ in range(4)]  # (chunk, V) each
+        low = None  # a matmul's (chunk, V) output before it is widened to fp32
+        if mm_dtype != torch.float32:
+            low = torch.empty(size, vocab, device=device, dtype=mm_dtype)
+        keep = (labels != IGNORE_INDEX).float()
+        token_weight = keep / keep.sum().clamp(min=1)  # (N,) each token's share of the mean
         grad_h = torch.zeros_like(student_hidden) if need_h else None
-        # fp32 so that the sum over blocks does not round at each step under bf16 autocast.
+        # fp32 so that the sum over blocks does not round at each step under bf16.
         grad_w = torch.zeros_like(student_weight, dtype=torch.float32) if need_w else None
-        n = (labels != IGNORE_INDEX).sum().clamp(min=1)
-        sums = [student_hidden.new_zeros((), dtype=torch.float32) for _ in range(3)]
-        weight = student_weight[:vocab]  # (V, C)
-        device = weight.device.type
-        if torch.is_autocast_enabled(device):  # cast once, not once per block as autocast would
-            weight = weight.to(torch.get_autocast_dtype(device))
-        for start in range(0, labels.shape[0], chunk):
-            rows = slice(start, start + chunk)
-            hidden = student_hidden[rows]  # (n, C)
-            t_logp = None
-            if teacher_hidden is not None:
-                t_logits = F.linear(teacher_hidden[rows], teacher_weight[:vocab])  # (n, V)
-                t_logp = _soft_log_probs(t_logits, temperature)
-                del t_logits  # one (n, V) fewer while the student's graph is alive
-            # Matmuls follow the ambient autocast (bf16 on CUDA); the loss math runs in fp32.
-            logits = F.linear(hidden, weight).float().requires_grad_(need_grad)  # (n, V)
-            with torch.set_grad_enabled(need_grad):
-                parts = _partial_loss(
+        kd_sum = ce_sum = torch.zeros((), device=device)
+        # Every dtype below is explicit: autocast would run the row dots and the (n,) sums in
+        # bf16 too, and the casts it inserts cost more than the dots.
+        with torch.autocast(device.type, enabled=False):
+            for start in range(0, labels.shape[0], chunk):
+                block = slice(start, start + chunk)
+                h = hidden[block]  # (n, C)
+                logits, teacher, *scratch = (b[: h.shape[0]] for b in fp32)  # (n, V) each
+                _matmul_into(logits, h, weight.T, low)
+                if has_teacher:
+                    _matmul_into(teacher, teacher_hidden[block], teacher_w.T, low)
+                grad, kd, ce = block_loss(
                     logits,
-                    t_logp,
-                    labels[rows],
-                    n,
+                    teacher if has_teacher else None,
+                    scratch,
+                    labels[block],
                     kind,
                     temperature,
                     alpha,
                     beta,
-                    IGNORE_INDEX,
                 )
-            for total, part in zip(sums, parts):
-                total += part.detach()
-            if not need_grad:
-                continue
-            (grad_logits,) = torch.autograd.grad(parts[0], logits)  # (n, V)
-            if need_h:
-                grad_h[rows] = grad_logits @ weight  # (n, C)
-            if need_w:
-                grad_w[:vocab].addmm_(grad_logits.T, hidden.float())  # (V, C)
+                w = token_weight[block]  # (n,)
+                kd_sum = kd_sum + kd @ w
+                ce_sum = ce_sum + ce @ w
+                if not (need_h or need_w):
+                    continue
+                if low is not None:  # the gradient's matmuls in the low dtype too
+                    grad = low[: h.shape[0]].copy_(grad)
+                # The per-token weights scale the (n, C) side, not the (n, V) gradient.
+                if need_h:
+                    grad_h[block] = (grad @ weight).float().mul_(w.unsqueeze(1))  # (n, C)
+                if need_w:
+                    h_w = (h.float() * w.unsqueeze(1)).to(mm_dtype)  # (n, C), a new tensor
+                    _add_product(grad_w[:vocab], grad.T, h_w)  # (V, C)
         if need_w:
             grad_w = grad_w.to(student_weight.dtype)
         ctx.save_for_backward(grad_h, grad_w)
-        loss, kd, ce = sums
-        ctx.mark_non_differentiable(kd, ce)
-        return loss, kd, ce
+        kd_weight = alpha * temperature**2 if has_teacher else 0.0
+        ce_weight = 1.0 - alpha if has_teacher else 1.0
+        loss = kd_weight * kd_sum + ce_weight * ce_sum
+        ctx.mark_non_differentiable(kd_sum, ce_sum)
+        return loss, kd_sum, ce_sum
 
     @staticmethod
     def backward(ctx, grad_loss: torch.Tensor, _grad_kd, _grad_ce):
         grad_h, grad_w = ctx.saved_tensors
         # In place: a scaled copy of the (V, C) weight gradient would double its memory.
         grads = [None if g is None else g.mul_(grad_loss) for g in (grad_h, grad_w)]
-        return *grads, *([None] * 9)
+        return *grads, *([None] * 10)
+
+
+def _matmul_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, low: torch.Tensor | None):
+    """out (n, V) fp32 = a @ b, through the low-precision buffer when a and b are bf16."""
+    if low is None:
+        torch.mm(a, b, out=out)
+    else:
+        out.copy_(torch.mm(a, b, out=low[: out.shape[0]]))
+
+
+def _add_product(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """acc (fp32) += a @ b, whatever the dtype of a and b."""
+    if a.dtype == torch.float32:
+        acc.addmm_(a, b)
+    else:
+        acc += a @ b
 
 
 def distill_loss(
@@ -231,7 +354,10 @@ def distill_loss(
         teacher = teacher_hidden.reshape(-1, teacher_hidden.shape[-1])  # (N, C_t)
     if not torch.is_grad_enabled():  # evaluation (no_grad / inference_mode): no gradients to make
         hidden, student_weight = hidden.detach(), student_weight.detach()
-    chunk = min(chunk_tokens or auto_chunk_tokens(vocab), hidden.shape[0])
+    mm_dtype = student_weight.dtype
+    if torch.is_autocast_enabled(hidden.device.type):
+        mm_dtype = torch.get_autocast_dtype(hidden.device.type)
+    chunk = min(chunk_tokens or auto_chunk_tokens(vocab, mm_dtype), hidden.shape[0])
     loss, kd, ce = _ChunkedDistillLoss.apply(
         hidden,
         student_weight,
@@ -244,5 +370,6 @@ def distill_loss(
         temperature,
         alpha,
         beta,
+        mm_dtype,
     )
     return LossParts(loss=loss, kd=kd, ce=ce)

@@ -6,8 +6,8 @@ import math
 import random
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
-from typing import Any, Protocol
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 import torch
@@ -16,75 +16,14 @@ from torch import nn
 from apr_cli.data.source import BatchSource, SyntheticBatchSource
 from apr_cli.distill import parallel as parallel_lib
 from apr_cli.distill.backend import Backend, select_backend
-from apr_cli.distill.losses import IGNORE_INDEX, LOSS_KINDS
+from apr_cli.distill.losses import IGNORE_INDEX
+from apr_cli.distill.on_policy import CORPUS, STUDENT_SAMPLES, TEACHER_SAMPLES, SampledBatches
+from apr_cli.distill.options import TrainConfig
+from apr_cli.distill.topk_loss import TopKTeacher
 from apr_cli.errors import AprError
 
-
-@dataclass
-class TrainConfig:
-    steps: int = 100  # optimizer steps, exactly
-    batch_size: int = 16  # rows per optimizer step, split over grad_accum micro-batches
-    seq_len: int = 64
-    grad_accum: int = 1
-    lr: float = 3e-3  # peak learning rate
-    min_lr_ratio: float = 0.1  # cosine decay ends at lr * min_lr_ratio
-    warmup: int = 10  # linear warm-up steps
-    weight_decay: float = 0.01
-    grad_clip: float = 1.0  # max global gradient norm
-    temperature: float = 3.0
-    alpha: float = 0.7  # weight of the KD term; 1 - alpha weighs CE on the labels
-    loss: str = "forward-kl"
-    beta: float = 0.5  # jsd mixture weight
-    seed: int = 0
-    loss_chunk: int = 0  # tokens per loss block; 0 picks a size that bounds logits memory
-    compile: bool = False  # torch.compile the student's and teacher's forward
-    activation_checkpointing: bool = False  # recompute student block activations in backward
-    vocab_size: int = 0  # rows the loss covers (the real vocabulary); 0: every shared row
-
-    def validate(self, max_seq_len: int | None = None) -> None:
-        """Refuse settings that cannot train, naming the flag."""
-        checks = [
-            (self.steps > 0, f"--steps must be > 0, got {self.steps}"),
-            (self.batch_size > 0, f"--batch-size must be > 0, got {self.batch_size}"),
-            (self.seq_len > 0, f"--seq-len must be > 0, got {self.seq_len}"),
-            (self.grad_accum > 0, f"--grad-accum must be > 0, got {self.grad_accum}"),
-            (
-                self.batch_size % self.grad_accum == 0,
-                f"--batch-size {self.batch_size} is not a multiple of "
-                f"--grad-accum {self.grad_accum}",
-            ),
-            (self.lr > 0 and math.isfinite(self.lr), f"--lr must be > 0, got {self.lr}"),
-            (self.warmup >= 0, f"--warmup must be >= 0, got {self.warmup}"),
-            (self.temperature > 0, f"--temperature must be > 0, got {self.temperature}"),
-            (0.0 <= self.alpha <= 1.0, f"--alpha must be in [0, 1], got {self.alpha}"),
-            (self.loss in LOSS_KINDS, f"--loss must be one of {', '.join(LOSS_KINDS)}"),
-            (0.0 < self.beta < 1.0, f"--beta must be in (0, 1), got {self.beta}"),
-            (self.grad_clip > 0, f"--grad-clip must be > 0, got {self.grad_clip}"),
-            (self.loss_chunk >= 0, f"--loss-chunk must be >= 0, got {self.loss_chunk}"),
-            (self.vocab_size >= 0, f"--vocab-size must be >= 0, got {self.vocab_size}"),
-        ]
-        if max_seq_len is not None:
-            checks.append(
-                (
-                    self.seq_len <= max_seq_len,
-                    f"--seq-len {self.seq_len} exceeds the models' context of {max_seq_len}",
-                )
-            )
-        for ok, message in checks:
-            if not ok:
-                raise AprError(message)
-
-    def lr_at(self, step: int) -> float:
-        """Linear warm-up to `lr`, then cosine decay to `lr * min_lr_ratio` at the last step."""
-        if step < self.warmup:
-            return self.lr * (step + 1) / self.warmup
-        span = max(1, self.steps - self.warmup - 1)
-        progress = min(1.0, (step - self.warmup) / span)
-        floor = self.lr * self.min_lr_ratio
-        return floor + (self.lr - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
-
-    def to_dict(self) -> dict:
-        return asdict(self)
+if TYPE_CHECKING:
+    from apr_cli.teacher_cache.reader import TeacherCache
 
 
 @dataclass(frozen=True)
@@ -98,6 +37,10 @@ class StepMetrics:
     grad_norm: float
     tokens_per_s: float
     sec_per_step: float
+    aux_loss: float | None = None  # the router's load-balancing loss, for a Qwen3-MoE student
+    kind: str | None = None  # off-policy | on-policy | teacher-samples; None: no sampling run
+    generated: float = 0.0  # mean generated tokens per row (sampled steps)
+    sample_s: float = 0.0  # of sec_per_step, the time spent sampling
 
 
 @dataclass(frozen=True)
@@ -140,13 +83,22 @@ class Pipeline:
         source: BatchSource | None = None,
         backend: Backend | None = None,
         parallel: str = "ddp",
+        teacher_cache: TeacherCache | None = None,
+        sampler: SampledBatches | None = None,
     ):
+        """`teacher_cache` stands in for `teacher` (then None): its rows are read by the windows
+        `source` (a ShardBatchSource) hands out, so shuffling, resume and ranks all line up."""
         self.config = config
-        self.backend = backend or select_backend("cpu")
+        self.sampler = sampler  # builds the batches of on-policy steps
+        self.backend = backend or select_backend("cpu", "fp32")
         device, world = self.backend.device, self.backend.world_size
         self.student = student.to(device).train()
         self.teacher = teacher
         self.sharded_teacher = teacher is not None and parallel == "fsdp" and world > 1
+        self.teacher_cache = teacher_cache
+        self.teacher_weight = None if teacher is None else teacher.output_weight
+        if teacher_cache is not None and teacher_cache.kind == "hidden":
+            self.teacher_weight = teacher_cache.output_weight().to(device)
         # Compiled callables share parameters with the modules, which stay plain for saving.
         self.teacher_forward = None if teacher is None else teacher.hidden_states
         if teacher is not None:
@@ -182,6 +134,11 @@ class Pipeline:
             "chunk_tokens": config.loss_chunk,
             "vocab_size": config.vocab_size,
         }
+        # The student's own samples are scored by the teacher alone: CE on them would teach the
+        # student its own mistakes. Teacher samples keep the run's loss (sequence-level KD).
+        self.sampled_loss_options = dict(self.loss_options)
+        if sampler is not None and sampler.kind == STUDENT_SAMPLES:
+            self.sampled_loss_options.update(kind=sampler.options.on_policy_loss, alpha=1.0)
         self.step = 0  # optimizer steps taken
         self.losses: list[float] = []  # one per step taken
         self.train_seconds = 0.0  # time spent in steps, summed over resumed segments
@@ -225,6 +182,7 @@ class Pipeline:
             "student": self.student_state(),
             "optimizer": parallel_lib.full_optimizer_state(self.model, self.optimizer),
             "source": self.source.state_dict(),
+            "sampler": None if self.sampler is None else self.sampler.state_dict(),
             "rng": rng_state(),
             "losses": list(self.losses),
             "train_seconds": self.train_seconds,
@@ -235,6 +193,8 @@ class Pipeline:
         parallel_lib.load_full_model_state(self.model, state["student"])
         parallel_lib.load_full_optimizer_state(self.model, self.optimizer, state["optimizer"])
         self.source.load_state_dict(state["source"])
+        if self.sampler is not None:
+            self.sampler.load_state_dict(state["sampler"])
         set_rng_state(state["rng"])
         self.losses = list(state["losses"])
         self.train_seconds = state["train_seconds"]
@@ -252,32 +212,37 @@ class Pipeline:
             group["lr"] = lr
         world = self.backend.world_size
         micro = cfg.batch_size // (cfg.grad_accum * world)  # rows per rank per micro-batch
-        batches = [self.source.next_batch(micro, cfg.seq_len) for _ in range(cfg.grad_accum)]
+        sampled = self.sampler is not None and self.sampler.samples_at(self.step)
+        if sampled:
+            batches = [self.sampled_batch(micro) for _ in range(cfg.grad_accum)]
+        else:
+            batches = [self.next_batch(micro) for _ in range(cfg.grad_accum)]
+        sample_s = time.perf_counter() - t0 if sampled else 0.0
+        loss_options = self.sampled_loss_options if sampled else self.loss_options
         # Weigh micro-batches by their share of the global batch's tokens, so accumulation and
         # data parallelism both equal one big batch; DDP/FSDP average gradients, hence * world.
         # Counted on the CPU copies of the labels; the global total stays on the device.
-        counts = [int((labels != IGNORE_INDEX).sum()) for _, labels in batches]
+        counts = [int((labels != IGNORE_INDEX).sum()) for _, labels, _ in batches]
         total = torch.full((), float(sum(counts)), device=device)
         total = parallel_lib.all_reduce_sum(total, self.backend).clamp(min=1.0)
         self.optimizer.zero_grad(set_to_none=True)
-        sums = torch.zeros(3, device=device)  # loss, kd, ce over the global batch
-        teacher_weight = None if self.teacher is None else self.teacher.output_weight
-        for i, (inputs, labels) in enumerate(batches):
+        sums = torch.zeros(4, device=device)  # loss, kd, ce, aux over the global batch
+        for i, (inputs, labels, windows) in enumerate(batches):
             inputs, labels = to_device(inputs, device), to_device(labels, device)
             weight = counts[i] / total  # () on the device
-            teacher_hidden = self.teacher_hidden(inputs)
+            teacher = self.teacher_outputs(inputs, windows)
             last = i == len(batches) - 1
             with parallel_lib.gradient_sync(self.model, last), self.backend.autocast():
-                parts = self.model(
-                    inputs, labels, teacher_hidden, teacher_weight, self.loss_options
-                )
+                parts = self.model(inputs, labels, teacher, self.teacher_weight, loss_options)
             (parts[0] * (weight * world)).backward()
             sums += weight * parts.detach()
         parallel_lib.all_reduce_sum(sums, self.backend)
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
         if hasattr(grad_norm, "full_tensor"):  # a DTensor under FSDP2
             grad_norm = grad_norm.full_tensor()
-        loss, kd, ce, norm = to_host(torch.cat([sums, grad_norm.reshape(1).to(sums.dtype)]))
+        # The step's one device-to-host copy: the step line's numbers and the global token count.
+        step_values = torch.cat([sums, grad_norm.reshape(1).to(sums.dtype), total.reshape(1)])
+        loss, kd, ce, aux, norm, tokens = to_host(step_values)
         if not math.isfinite(loss):  # the step is not taken: self.step counts completed steps
             raise TrainingDiverged(self.step + 1, loss)
         self.step += 1
@@ -295,7 +260,46 @@ class Pipeline:
             grad_norm=norm,
             tokens_per_s=cfg.batch_size * cfg.seq_len / elapsed,
             sec_per_step=elapsed,
+            aux_loss=aux if self.student.config.arch.moe else None,
+            kind=None if self.sampler is None else self.sampler.kind if sampled else CORPUS,
+            generated=tokens / cfg.batch_size if sampled else 0.0,
+            sample_s=sample_s,
         )
+
+    def next_batch(self, rows: int) -> tuple[torch.Tensor, torch.Tensor, list[int] | None]:
+        """(inputs, labels, the dataset windows they come from when a cache needs them)."""
+        seq_len = self.config.seq_len
+        windows = None
+        if self.teacher_cache is not None:
+            windows = self.source.batch_windows(rows, seq_len)
+        return *self.source.next_batch(rows, seq_len), windows
+
+    def teacher_outputs(
+        self, inputs: torch.Tensor, windows: list[int] | None
+    ) -> torch.Tensor | TopKTeacher | None:
+        """The teacher's side of the loss: final hidden states (B, T, C_t) or top-k outputs."""
+        if self.teacher_cache is not None:
+            return self.teacher_cache.read(windows).to(self.backend.device)
+        return self.teacher_hidden(inputs)
+
+    def sampled_batch(self, rows: int) -> tuple[torch.Tensor, torch.Tensor, None]:
+        """A micro-batch continued by the student (or teacher), no gradients, KV cache."""
+        teacher = self.sampler.kind == TEACHER_SAMPLES
+        model = self.teacher if teacher else self.student
+        # FSDP2 keeps the student's root (embeddings, final norm) sharded outside its forward.
+        gather = not teacher and hasattr(self.model, "unshard")
+        if gather:
+            self.model.unshard()
+        try:
+            # In the model's own dtype: the KV cache has the weights' dtype, which autocast's
+            # bf16 keys would not match.
+            batch = self.sampler.next_batch(model, rows, self.config.seq_len)
+        finally:
+            if gather:
+                self.model.reshard()
+            if not teacher:
+                self.student.train()  # generation left it in eval mode
+        return *batch, None  # sampled rows come from no dataset window
 
     def teacher_hidden(self, inputs: torch.Tensor) -> torch.Tensor | None:
         """Teacher final hidden states (B, T, C_t), with no autograd state."""
@@ -315,7 +319,7 @@ class Pipeline:
 
 def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     """A CPU batch on `device`; to CUDA through pinned memory, so the copy does not block."""
-    if device.type != "cuda":
+    if device.type != "cuda" or t.device.type != "cpu":  # sampled rows are already there
         return t.to(device)
     return t.pin_memory().to(device, non_blocking=True)
 

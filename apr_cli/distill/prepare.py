@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -10,16 +11,20 @@ from typing import Any
 import torch
 from torch.distributed.tensor import DTensor
 
+from apr_cli.data.shards import ShardBatchSource
 from apr_cli.data.source import BatchSource, SyntheticBatchSource
 from apr_cli.distill.backend import Backend, seed_everything, select_backend
 from apr_cli.distill.losses import auto_chunk_tokens
+from apr_cli.distill.on_policy import PromptSource, kv_cache_bytes, load_prompts
 from apr_cli.distill.options import DistillOptions
 from apr_cli.distill.parallel import load_local_shards
-from apr_cli.distill.pipeline import Pipeline, TrainConfig
+from apr_cli.distill.pipeline import Pipeline, StepMetrics, TrainConfig
+from apr_cli.distill.sinks import check_installed, parse_report_to
 from apr_cli.errors import AprError
 from apr_cli.model.checkpoint import init_student_from_teacher, load_model, parse_teacher_layers
 from apr_cli.model.qwen2 import Qwen2ForCausalLM, count_parameters
 from apr_cli.model.vocab import shared_vocab_size
+from apr_cli.teacher_cache.reader import TeacherCache
 
 # A preset teacher starts from random weights and knows nothing; these CE steps on the same
 # batches give it something to teach (enough for the synthetic identity task).
@@ -28,11 +33,7 @@ PRESET_TEACHER_WARMUP = 50
 
 @dataclass
 class Prepared:
-    """Models, data and backend resolved and checked; nothing written yet.
-
-    The models start on the meta device (shapes only); `load_teacher` and `load_student` give
-    them weights when a run trains.
-    """
+    """Models, data and backend resolved and checked; nothing written yet."""
 
     options: DistillOptions
     backend: Backend
@@ -41,8 +42,11 @@ class Prepared:
     teacher_info: dict[str, Any] | None
     student_info: dict[str, Any]
     source: BatchSource
-    vocab_size: int  # rows both models share (the loss covers options.train.vocab_size of them)
+    vocab_size: int  # rows both models share (the loss covers options.train.vocab_size)
     warnings: list[str]
+    teacher_cache: TeacherCache | None = None  # stands in for the teacher model
+    val_source: ShardBatchSource | None = None  # --val-dataset
+    prompts: PromptSource | None = None  # on-policy steps' prompts (--on-policy > 0)
 
     @property
     def teacher_warmup(self) -> int:
@@ -55,22 +59,53 @@ class Prepared:
     @property
     def verb(self) -> str:
         """What the run does, for its summary line."""
-        return "Training" if self.teacher is None else "Distillation"
+        return "Training" if self.teacher_info is None else "Distillation"
 
 
-def prepare(options: DistillOptions) -> Prepared:
+def set_threads(requested: int) -> None:
+    """--threads N; else OMP_NUM_THREADS if the user set it; else one thread per core this
+    process may use, shared among torchrun's ranks on this host.
+
+    With idle threads sleeping (OMP_WAIT_POLICY=PASSIVE, set by `apr`), that stays fast when
+    other jobs hold some of the cores: benchmarks/bench_threads.py, docs/performance.md.
+    """
+    if requested:
+        torch.set_num_threads(requested)
+    elif "OMP_NUM_THREADS" not in os.environ:
+        ranks_here = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // ranks_here))
+
+
+def prepare(options: DistillOptions, plan_only: bool = False) -> Prepared:
     """Resolve and check everything a run needs, failing before any file is written.
 
-    Models are built on the meta device from presets and checkpoint headers, so a plan of a 7B
-    teacher costs no weights in memory.
+    `plan_only` checks the models but builds them on the meta device: a plan for a 30B teacher
+    reads no weights and needs no memory for them.
     """
+    options = options.absolute()
     options.validate()
+    set_threads(options.threads)
     cfg = options.train
-    backend = select_backend(options.device)
+    # One step's token ids alone must fit in memory: a mistyped --batch-size would otherwise
+    # fail at step 1 with an allocator error, after the run directory was written.
+    ids_bytes = cfg.batch_size * (cfg.seq_len + 1) * 8  # (B, T+1) int64
+    if ids_bytes > physical_memory():
+        raise AprError(
+            f"--batch-size {cfg.batch_size} x --seq-len {cfg.seq_len}: the token ids alone need "
+            f"{ids_bytes / 2**30:,.0f} GiB, more than this machine's "
+            f"{physical_memory() / 2**30:,.0f} GiB of memory"
+        )
+    backend = select_backend(options.device, options.dtype)
     seed_everything(cfg.seed)
+    device = torch.device("meta") if plan_only else backend.device
     teacher, teacher_info = None, None
     if options.teacher is not None:
-        teacher, teacher_info = load_model(options.teacher, dtype=backend.teacher_dtype, meta=True)
+        # Checked on the meta device first: under --fsdp a checkpoint is then read shard by shard.
+        teacher, teacher_info = load_model(
+            options.teacher, dtype=backend.teacher_dtype, device="meta"
+        )
+        if not plan_only:
+            teacher = load_teacher(teacher, teacher_info, options, backend)
     if options.student_init is not None:
         if teacher is None:
             raise AprError("--student-init needs a --teacher to take layers from")
@@ -87,13 +122,20 @@ def prepare(options: DistillOptions) -> Prepared:
         }
     else:
         # Student weights stay fp32: they are the optimizer's master copy.
-        student, student_info = load_model(options.student, dtype=torch.float32, meta=True)
+        student, student_info = load_model(
+            options.student, dtype=torch.float32, device=device, seed=cfg.seed
+        )
     models = [m for m in (teacher, student) if m is not None]
     vocab = (
         shared_vocab_size(teacher.config.vocab_size, student.config.vocab_size)
         if teacher is not None
         else student.config.vocab_size
     )
+    cache = None
+    if options.teacher_cache is not None:
+        cache = TeacherCache(options.teacher_cache)  # checks every shard's size and hash
+        teacher_info = cache_teacher_info(cache)
+        vocab = cache.check_vocab(student.config.vocab_size)
     # Recorded in the options (hence the manifest and checkpoints) so a resume uses the same rows.
     cfg.vocab_size = loss_vocab_size(options, vocab, teacher_info, student_info)
     context = min(m.config.max_position_embeddings for m in models)
@@ -104,8 +146,6 @@ def prepare(options: DistillOptions) -> Prepared:
             f"x world size {backend.world_size}"
         )
     if options.dataset is not None:
-        from apr_cli.data.shards import ShardBatchSource
-
         source: BatchSource = ShardBatchSource(
             options.dataset,
             vocab_size=cfg.vocab_size,
@@ -115,13 +155,75 @@ def prepare(options: DistillOptions) -> Prepared:
             seed=cfg.seed,
         )
         source.check_seq_len(cfg.seq_len)
+        if cache is not None:
+            # Every window the run will read, from step 0 (a resume reads a subset).
+            needed = source.windows_needed(cfg.steps * cfg.batch_size, cfg.seq_len)
+            cache.check_run(options.dataset, cfg.seq_len, cfg.temperature, needed)
     else:
         source = SyntheticBatchSource(
             cfg.vocab_size, rank=backend.rank, world_size=backend.world_size
         )
+    val_source = None
+    if options.val_dataset is not None:
+        val_source = ShardBatchSource(options.val_dataset, vocab_size=cfg.vocab_size)
+        val_source.check_seq_len(cfg.seq_len)
+    check_installed(parse_report_to(options.report_to))
+    prompts = None
+    if options.on_policy.enabled:
+        prompts = load_prompts(
+            options.on_policy,
+            options.dataset,
+            student_info.get("path"),
+            cfg.vocab_size,
+            cfg.seq_len,
+            cfg.seed,
+            backend.rank,
+            backend.world_size,
+        )
+    warnings = []
+    if teacher is not None and same_model(teacher, student, teacher_info, student_info):
+        warnings.append(
+            "warning: teacher and student are the same model: there is nothing to distill"
+        )
     return Prepared(
-        options, backend, teacher, student, teacher_info, student_info, source, vocab, []
+        options,
+        backend,
+        teacher,
+        student,
+        teacher_info,
+        student_info,
+        source,
+        vocab,
+        warnings,
+        cache,
+        val_source,
+        prompts,
     )
+
+
+def load_teacher(
+    meta: Qwen2ForCausalLM, info: dict[str, Any], options: DistillOptions, backend: Backend
+) -> Qwen2ForCausalLM:
+    """The checked meta teacher given its weights: under --fsdp a checkpoint's blocks are read
+    shard by shard, each rank only its rows; otherwise (a preset's seeded init, a teacher the
+    run warms up or copies layers from, a GGUF) it is loaded whole."""
+    sharded = (
+        options.fsdp
+        and backend.world_size > 1
+        and info["kind"] in ("local", "hub")
+        and not options.teacher_warmup
+        and options.student_init is None
+    )
+    if sharded:
+        load_local_shards(meta, Path(info["path"]), backend.device)
+        return meta
+    teacher, _ = load_model(
+        options.teacher,
+        dtype=backend.teacher_dtype,
+        device=backend.device,
+        seed=options.train.seed + 1,
+    )
+    return teacher
 
 
 def loss_vocab_size(
@@ -153,55 +255,28 @@ def loss_vocab_size(
     return min([shared, *known])
 
 
-def load_teacher(p: Prepared) -> None:
-    """Give the teacher its weights (a preset's seeded init, or the checkpoint's)."""
-    if p.teacher_info is None:
-        return
-    if sharded_load(p):
-        load_local_shards(p.teacher, Path(p.teacher_info["path"]), p.backend.device)
-        return
-    p.teacher, _ = load_model(
-        p.teacher_info["spec"],
-        dtype=p.backend.teacher_dtype,
-        device=p.backend.device,
-        seed=p.options.train.seed + 1,
-    )
+def cache_teacher_info(cache: TeacherCache) -> dict[str, Any]:
+    """The manifest's teacher entry for a cached teacher: the cache and its fingerprints."""
+    report = cache.describe()
+    return {
+        **{k: report["teacher"][k] for k in ("spec", "config", "parameters", "fingerprint")},
+        "kind": f"teacher-cache ({cache.kind})",
+        "path": report["path"],
+        "dtype": report["compute_dtype"],
+        "cache": report,
+    }
 
 
-def sharded_load(p: Prepared) -> bool:
-    """Under --fsdp a checkpoint teacher is read shard by shard; one the run trains (a preset's
-    warm-up) or copies layers from (--student-init) is loaded whole."""
-    return (
-        p.options.fsdp
-        and p.backend.world_size > 1
-        and p.teacher_info["kind"] != "preset"
-        and p.teacher_warmup == 0
-        and p.student_info["kind"] != "teacher-layers"
-    )
-
-
-def load_student(p: Prepared) -> None:
-    """Give the student its weights: copied from the teacher as it is now, or loaded."""
-    if p.student_info["kind"] == "teacher-layers":
-        p.student = init_student_from_teacher(p.teacher, p.student_info["layers"]).float()
-    else:
-        p.student, _ = load_model(
-            p.student_info["spec"],
-            dtype=torch.float32,
-            device=p.backend.device,
-            seed=p.options.train.seed,
-        )
-    if p.teacher is not None and same_model(p.teacher, p.student, p.teacher_info, p.student_info):
-        p.warnings.append(
-            "warning: teacher and student are the same model: there is nothing to distill"
-        )
+def physical_memory() -> int:
+    """Bytes of RAM in this machine."""
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
 def same_model(a: Qwen2ForCausalLM, b: Qwen2ForCausalLM, a_info: dict, b_info: dict) -> bool:
     """Same checkpoint folder, or the same shapes holding the same weights."""
     if a_info.get("path") and a_info.get("path") == b_info.get("path") and "layers" not in b_info:
         return True
-    if a.config.with_(torch_dtype="") != b.config.with_(torch_dtype=""):
+    if a.config.with_(torch_dtype="") != b.config.with_(torch_dtype="") or a.output_weight.is_meta:
         return False
     b_state = b.state_dict()
     a_state = a.state_dict()
@@ -220,6 +295,10 @@ def estimate_memory(p: Prepared) -> dict[str, int]:
     tokens = cfg.batch_size // (cfg.grad_accum * p.backend.world_size) * cfg.seq_len  # per pass
     act_bytes = 2 if p.backend.autocast_dtype is not None else 4
     teacher_weights = count_parameters(p.teacher) * act_bytes if p.teacher is not None else 0
+    if p.teacher_cache is not None and p.teacher_cache.kind == "hidden":
+        teacher_config = p.teacher_cache.header.teacher["config"]
+        vocab = max(vocab, teacher_config["vocab_size"])  # its output weight, in fp32
+        teacher_weights = teacher_config["vocab_size"] * teacher_config["hidden_size"] * 4
     student_states = count_parameters(p.student) * 16  # weights, grads, two moments, fp32
     if p.options.fsdp:  # each rank holds 1/world of the shards (whole teacher head aside)
         student_states //= p.backend.world_size
@@ -230,15 +309,21 @@ def estimate_memory(p: Prepared) -> dict[str, int]:
     if cfg.activation_checkpointing:
         saved = s.num_hidden_layers + 16
     activations = tokens * s.hidden_size * saved * act_bytes
-    # The chunked loss holds about nine (block, vocab) fp32 tensors, never the full logits.
-    block = min(cfg.loss_chunk or auto_chunk_tokens(vocab), tokens)
-    logits = block * vocab * 4 * 9
-    total = teacher_weights + student_states + activations + logits
+    # The chunked loss holds four (block, vocab) fp32 buffers and, in bf16, one bf16 buffer.
+    matmul_dtype = p.backend.autocast_dtype or torch.float32
+    block = min(cfg.loss_chunk or auto_chunk_tokens(vocab, matmul_dtype), tokens)
+    logits = block * vocab * (4 * 4 + (2 if p.backend.autocast_dtype is not None else 0))
+    kv_cache = 0
+    if p.options.on_policy.enabled:
+        sampler = p.teacher if p.options.on_policy.teacher_samples else p.student
+        kv_cache = kv_cache_bytes(sampler, tokens // cfg.seq_len, cfg.seq_len)
+    total = teacher_weights + student_states + activations + logits + kv_cache
     return {
         "teacher_weights": teacher_weights,
         "student_weights_grads_optimizer": student_states,
         "activations": activations,
         "logits": logits,
+        "sampling_kv_cache": kv_cache,
         "total": total,
     }
 
@@ -253,12 +338,26 @@ def plan(p: Prepared) -> dict[str, Any]:
         "shared_vocab_size": p.vocab_size,
         "loss_vocab_size": cfg.vocab_size,  # the real vocabulary when known; data ids stay below
         "data": p.source.describe(),
+        "on_policy": None
+        if p.prompts is None
+        else {**p.options.on_policy.to_dict(), "prompt_source": p.prompts.describe()},
         "backend": p.backend.describe(),
         "hyperparameters": cfg.to_dict(),
         "tokens_per_step": cfg.batch_size * cfg.seq_len,
         "micro_batch_size": cfg.batch_size // (cfg.grad_accum * p.backend.world_size),
         "memory_estimate_bytes": estimate_memory(p),
     }
+
+
+class WarmupProgress:
+    """A line every tenth of the warm-up, so the phase is never silent for long."""
+
+    def __init__(self, emit: Callable[[str], None]):
+        self.emit = emit
+
+    def on_step(self, m: StepMetrics) -> None:
+        if m.step % max(1, m.steps // 10) == 0:
+            self.emit(f"teacher warm-up: step {m.step}/{m.steps} loss={m.loss:.4f}")
 
 
 def warm_up_teacher(p: Prepared, emit: Callable[[str], None]) -> dict[str, Any] | None:
@@ -278,7 +377,13 @@ def warm_up_teacher(p: Prepared, emit: Callable[[str], None]) -> dict[str, Any] 
     )
     # The teacher is trained in fp32 and frozen afterwards by the distillation pipeline.
     p.teacher.float().train().requires_grad_(True)
-    result = Pipeline(p.teacher, None, warm_cfg, p.source, p.backend).train()
+    emit(
+        f"teacher warm-up: training the untrained preset teacher for {steps} CE steps first "
+        "(--teacher-warmup 0 skips it)"
+    )
+    result = Pipeline(p.teacher, None, warm_cfg, p.source, p.backend).train(WarmupProgress(emit))
+    if p.student_info["kind"] == "teacher-layers":  # the student starts from what it learned
+        p.student = init_student_from_teacher(p.teacher, p.student_info["layers"]).float()
     p.teacher.to(p.backend.teacher_dtype)
     p.source.reset()
     emit(
