@@ -122,8 +122,13 @@ class Qwen2ForCausalLM(nn.Module):
         return self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
 
     def init_weights(self, seed: int) -> Qwen2ForCausalLM:
-        """Seeded Hugging Face-style init: normal(0, 0.02) weights, zero biases, unit norms."""
-        gen = torch.Generator().manual_seed(seed)
+        """Seeded Hugging Face-style init: normal(0, 0.02) weights, zero biases, unit norms.
+
+        Drawn on the parameters' device (a model built under `with torch.device("cuda")` is
+        initialised there); the CPU's draws stay those of every earlier run.
+        """
+        device = next(self.parameters()).device
+        gen = torch.Generator(device=device).manual_seed(seed)
         with torch.no_grad():
             for name, p in self.named_parameters():
                 if name.endswith("layernorm.weight") or name.endswith("norm.weight"):
@@ -131,7 +136,7 @@ class Qwen2ForCausalLM(nn.Module):
                 elif name.endswith(".bias"):
                     p.zero_()
                 else:
-                    p.copy_(torch.randn(p.shape, generator=gen) * 0.02)
+                    p.copy_(torch.randn(p.shape, generator=gen, device=device) * 0.02)
         return self
 
     def rope(self, start: int, T: int, dtype: torch.dtype, device: torch.device):
