@@ -25,19 +25,20 @@ fi
 budget=$((budget * scale))
 start=$SECONDS
 
-# One section: its own timeout, cut to what is left of the budget; output to the log.
+# One section of bench_gpu.py in its own process: its own timeout, cut to what is left of the
+# budget; its output goes to the log, a failure to the table and stdout.
 section() {
   local name="$1" limit=$(($2 * scale))
-  shift 2
   local left=$((budget - (SECONDS - start)))
   ((limit > left)) && limit=$left
   if ((limit < 10)); then
-    echo "## $name: skipped, the time budget is spent" | tee -a "$log" "$table"
+    echo "| $name | skipped: the time budget is spent | | | |" | tee -a "$table"
     return
   fi
   echo "== $name (timeout ${limit}s) $(date -u +%T)" | tee -a "$log"
   local t0=$SECONDS
-  timeout -k 5 "$limit" "$@" >>"$log" 2>&1
+  timeout -k 5 "$limit" "$python" benchmarks/bench_gpu.py "$name" --out "$out" \
+    ${dry[@]+"${dry[@]}"} >>"$log" 2>&1
   local rc=$?
   if ((rc != 0)); then
     local why="exit $rc"
@@ -62,15 +63,14 @@ section() {
 } | tee "$table" >>"$log"
 nvidia-smi >>"$log" 2>&1
 
-bench() { "$python" benchmarks/bench_gpu.py "$1" --out "$out" "${dry[@]}"; }
-section matmul 30 bench matmul
-section qwen 60 bench qwen
-section tests 60 bench tests
-section loss 40 bench loss
-section step 80 bench step
-section generate 40 bench generate
-section cache 50 bench cache
-section smoke 60 bench smoke
+section matmul 30
+section qwen 60
+section tests 60
+section loss 40
+section step 80
+section generate 40
+section cache 50
+section smoke 60
 
 echo "== all sections done in $((SECONDS - start))s" | tee -a "$log"
 cat "$table"
