@@ -119,8 +119,8 @@ def loss(s: Section) -> None:
     x = bench_loss.make_inputs(tokens, s.device.type, "bf16", hidden)
     for _ in range(3):  # alternating rounds
         for name, fn in bench_loss.VARIANTS.items():
-            x["s_h"].grad = x["s_w"].grad = None
             bench_loss.fwd_bwd(fn, x, s.device.type, "bf16", chunk)  # warm-up
+            x["s_h"].grad = x["s_w"].grad = None  # the gradients count in the measured peak
             sync(s.device)
             before = reset_peak(s.device)
             runs = []
