@@ -19,6 +19,7 @@ from apr_cli.commands.generate import generate
 from apr_cli.commands.humaneval import humaneval
 from apr_cli.commands.options import flag
 from apr_cli.commands.shards import app as shards_app
+from apr_cli.commands.teacher_cache import app as teacher_cache_app
 from apr_cli.commands.train import train
 
 try:  # newer typer vendors click
@@ -58,6 +59,7 @@ app.command(name="eval")(eval_model)
 app.command()(generate)
 app.command()(humaneval)
 app.add_typer(shards_app, name="shards")
+app.add_typer(teacher_cache_app, name="teacher-cache")
 
 
 def main(argv: list[str] | None = None) -> None:

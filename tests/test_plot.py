@@ -97,7 +97,7 @@ def test_run_directory_history_reads_metrics_and_resumes(tmp_path):
     (tmp_path / "metrics.jsonl").write_text(
         "".join(json.dumps(r) + "\n" for r in records) + '{"step": 4, "lo'  # torn by a crash
     )
-    run.write_manifest({"resumed": [{"from_step": 2}]})
+    run.write_manifest({"status": "completed", "resumed": [{"from_step": 2}]})
     h = run.loss_history(with_teacher=True)
     assert (h.steps, h.kd, h.ce, h.resumes) == ([1, 2, 3], [1.0] * 3, [2.0] * 3, [2])
     assert run.loss_history(with_teacher=False).kd is None

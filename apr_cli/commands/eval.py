@@ -21,8 +21,8 @@ def eval_model(
     model: Annotated[
         str,
         typer.Argument(
-            help="A local Hugging Face folder (e.g. RUN/student-trained.apr), a hub id in the "
-            "local cache, or a preset.",
+            help="A local Hugging Face folder (e.g. RUN/student-trained.apr), a .gguf file, a "
+            "hub id in the local cache, or a preset.",
             metavar="MODEL",
             show_default=False,
         ),

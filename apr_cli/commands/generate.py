@@ -58,7 +58,7 @@ def generate(
     model: Annotated[
         str,
         typer.Argument(
-            help="A model folder (HF layout), a preset name, or a cached hub id.",
+            help="A model folder (HF layout), a .gguf file, a preset name, or a cached hub id.",
             metavar="MODEL",
             show_default=False,
         ),

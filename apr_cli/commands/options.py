@@ -8,6 +8,8 @@ from typing import Annotated, Any
 import typer
 
 MODELS, DATA, TRAINING, LOSS, RUN, OUTPUT = "Models", "Data", "Training", "Loss", "Run", "Output"
+WATCH = "Watching"
+ON_POLICY = "On-policy"
 RUNTIME = "Runtime"
 DEVICE_HELP = "auto (CUDA when available, else CPU), cuda or cpu."
 
@@ -69,8 +71,8 @@ Device = Annotated[str, typer.Option(help=DEVICE_HELP, rich_help_panel=TRAINING)
 Dtype = Annotated[
     str,
     typer.Option(
-        help="Matmul precision: auto (bf16 on CUDA and on CPUs with AMX bf16 units, else fp32), "
-        "bf16 or fp32. The loss, master weights and optimizer state stay fp32.",
+        help="Matmul precision: auto (bf16 on CUDA, fp32 on the CPU), bf16 or fp32. "
+        "The loss, master weights and optimizer state stay fp32.",
         rich_help_panel=TRAINING,
     ),
 ]
@@ -91,7 +93,11 @@ LossChunk = Annotated[
 ]
 Compile = Annotated[
     bool,
-    flag("--compile", help="torch.compile the models' forward passes.", rich_help_panel=TRAINING),
+    flag(
+        "--compile",
+        help="torch.compile the models' forward passes.",
+        rich_help_panel=TRAINING,
+    ),
 ]
 Fsdp = Annotated[
     bool,
@@ -143,5 +149,44 @@ JsonOutput = Annotated[
         "--json",
         help="Print the final summary (or plan) as JSON on stdout; step lines go to stderr.",
         rich_help_panel=RUN,
+    ),
+]
+ValDataset = Annotated[
+    Path | None,
+    typer.Option(
+        help="Held-out shards (*.bin) scored during training: val loss, and with a teacher the "
+        "KL to it and top-1 agreement.",
+        exists=True,
+        file_okay=False,
+        rich_help_panel=WATCH,
+    ),
+]
+EvalEvery = Annotated[
+    int,
+    typer.Option(
+        help="Steps between evals on --val-dataset (0: after the last step only).",
+        rich_help_panel=WATCH,
+    ),
+]
+EvalWindows = Annotated[
+    int,
+    typer.Option(
+        help="Val windows scored at each eval, the same ones every time (0: all).",
+        rich_help_panel=WATCH,
+    ),
+]
+KeepBest = Annotated[
+    bool,
+    flag(
+        "--keep-best",
+        help="Keep the student with the lowest val loss as RUN/student-best.apr.",
+        rich_help_panel=WATCH,
+    ),
+]
+ReportTo = Annotated[
+    str,
+    typer.Option(
+        help="Where metrics go besides metrics.jsonl: tensorboard, wandb (comma-separated).",
+        rich_help_panel=WATCH,
     ),
 ]

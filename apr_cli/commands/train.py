@@ -6,6 +6,7 @@ from typing import Annotated
 
 import typer
 
+from apr_cli.commands.config_option import ConfigFile
 from apr_cli.commands.options import (
     MODELS,
     BatchSize,
@@ -13,16 +14,20 @@ from apr_cli.commands.options import (
     Dataset,
     Device,
     Dtype,
+    EvalEvery,
+    EvalWindows,
     Fsdp,
     GradAccum,
     GradClip,
     JsonOutput,
+    KeepBest,
     KeepCheckpoints,
     LossChunk,
     Lr,
     Out,
     Overwrite,
     PlanOnly,
+    ReportTo,
     Resume,
     SaveEvery,
     Seed,
@@ -30,6 +35,7 @@ from apr_cli.commands.options import (
     Shuffle,
     Steps,
     Threads,
+    ValDataset,
     Warmup,
     WeightDecay,
 )
@@ -38,11 +44,13 @@ from apr_cli.distill.options import DEFAULT_STUDENT, DistillOptions, TrainConfig
 
 
 def train(
-    model: Annotated[
+    student: Annotated[  # named after the options field it sets: --config finds it by name
         str,
         typer.Option(
-            help="Model to train: a local Hugging Face folder, a hub id in the local cache, or a "
-            "preset (freshly initialised from --seed). Saved as RUN/student-trained.apr.",
+            "--model",
+            help="Model to train: a local Hugging Face folder, a .gguf file, a hub id in the "
+            "local cache, or a preset (freshly initialised from --seed). Saved as "
+            "RUN/student-trained.apr.",
             rich_help_panel=MODELS,
         ),
     ] = DEFAULT_STUDENT,
@@ -60,11 +68,17 @@ def train(
     device: Device = DistillOptions.device,
     dtype: Dtype = DistillOptions.dtype,
     loss_chunk: LossChunk = TrainConfig.loss_chunk,
-    compile_models: Compile = False,
+    compile: Compile = False,
     fsdp: Fsdp = False,
     threads: Threads = DistillOptions.threads,
     out: Out = None,
     resume: Resume = None,
+    val_dataset: ValDataset = None,
+    eval_every: EvalEvery = DistillOptions.eval_every,
+    eval_windows: EvalWindows = DistillOptions.eval_windows,
+    keep_best: KeepBest = False,
+    report_to: ReportTo = DistillOptions.report_to,
+    config: ConfigFile(DistillOptions(teacher=None), "train") = None,
     save_every: SaveEvery = DistillOptions.save_every,
     keep_checkpoints: KeepCheckpoints = DistillOptions.keep_checkpoints,
     overwrite: Overwrite = False,
@@ -77,7 +91,7 @@ def train(
     """
     options = DistillOptions(
         teacher=None,
-        student=model,
+        student=student,
         dataset=dataset,
         shuffle=shuffle,
         device=device,
@@ -85,6 +99,11 @@ def train(
         save_every=save_every,
         fsdp=fsdp,
         keep_checkpoints=keep_checkpoints,
+        val_dataset=val_dataset,
+        eval_every=eval_every,
+        eval_windows=eval_windows,
+        keep_best=keep_best,
+        report_to=report_to,
         threads=threads,
         train=TrainConfig(
             steps=steps,
@@ -97,7 +116,7 @@ def train(
             grad_clip=grad_clip,
             seed=seed,
             loss_chunk=loss_chunk,
-            compile=compile_models,
+            compile=compile,
         ),
     )
     flags = RunFlags(out, resume, overwrite, plan_only, json_output)

@@ -53,7 +53,7 @@ def run_training(
                 flags.resume, options, defaults, emit=emit
             )
         else:
-            prepared = prepare(options)
+            prepared = prepare(options, plan_only=flags.plan_only)
             if flags.plan_only:
                 render_plan(plan(prepared), flags.json_output, lines)
                 return
@@ -102,8 +102,19 @@ def render_plan(info: dict[str, Any], json_output: bool, lines: Console) -> None
         f"memory estimate: {mem['total'] / 2**20:,.1f} MiB "
         f"(teacher {mem['teacher_weights'] / 2**20:,.1f}, student+optimizer "
         f"{mem['student_weights_grads_optimizer'] / 2**20:,.1f}, activations "
-        f"{mem['activations'] / 2**20:,.1f}, logits {mem['logits'] / 2**20:,.1f})",
+        f"{mem['activations'] / 2**20:,.1f}, logits {mem['logits'] / 2**20:,.1f}, "
+        f"sampling KV cache {mem['sampling_kv_cache'] / 2**20:,.1f})",
     ]
+    o = info["on_policy"]
+    if o is not None:
+        rows.insert(
+            -1,
+            f"on-policy: {o['on_policy_fraction']:g} of steps sample {o['max_new_tokens']} "
+            "tokens from the "
+            f"{'teacher' if o['teacher_samples'] else 'student'} "
+            f"(T={o['sample_temperature']:g}, top-p={o['sample_top_p']:g}) after prompts "
+            f"{json.dumps(o['prompt_source'])}",
+        )
     for row in rows:
         lines.print(row, markup=False)
 

@@ -156,6 +156,9 @@ def build_shards(
         raise AprError(f"--out {out}: exists and is not a directory")
     if out.is_dir() and any(out.iterdir()) and not force:
         raise AprError(f"--out {out}: directory is not empty (pass --force to replace it)")
+    inside = [f.path for f in files if out.resolve() in f.path.resolve().parents]
+    if inside:  # --force would delete the inputs it is reading
+        raise AprError(f"--out {out}: holds the input {inside[0]}; choose another --out")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from apr_cli.errors import AprError
+from apr_cli.fsutil import naming
 
 # llm.c shard header: 256 little-endian int32, [magic, version, token count, unused...].
 LLMC_HEADER_INTS = 256
@@ -77,7 +78,11 @@ def read_shards(path: str | Path) -> list[Shard]:
     root = Path(path)
     if not root.is_dir():
         raise AprError(f"{root}: no such dataset directory")
-    files = sorted((p for p in root.iterdir() if p.suffix == ".bin" and p.is_file()), key=str)
+    files = sorted((p for p in root.iterdir() if p.suffix == ".bin"), key=str)
+    for p in files:
+        if not p.is_file():  # is_file follows links: False when dangling or looping
+            what = "a dangling or looping link" if p.is_symlink() else "not a regular file"
+            raise AprError(f"{p}: {what} (a .bin shard must be a file; move it out of {root})")
     if not files:
         splits = sorted(p.name for p in root.iterdir() if p.is_dir() and any(p.glob("*.bin")))
         hint = f" (its subdirectories {', '.join(splits)} have some: pass one)" if splits else ""
@@ -104,8 +109,9 @@ def write_shard(path: str | Path, tokens: Any, append: bool = False) -> None:
     ids = np.asarray(tokens)
     if ids.size and (ids.min() < 0 or ids.max() > np.iinfo(np.uint32).max):
         raise AprError(f"{path}: token ids must fit in uint32")
-    with open(path, "ab" if append else "wb") as f:
-        ids.astype(RAW_DTYPE).tofile(f)
+    # f.write, not tofile: numpy reports a full disk without the OS's errno or the file.
+    with naming(path), open(path, "ab" if append else "wb") as f:
+        f.write(np.ascontiguousarray(ids, dtype=RAW_DTYPE).data)
 
 
 def first_id_at_least(tokens: np.ndarray, limit: int) -> int | None:
@@ -228,9 +234,7 @@ class ShardBatchSource:
         out = np.empty((batch_size, seq_len + 1), dtype=np.uint32)  # (B, T+1)
         # Plain Python per row: a handful of int operations cost less than numpy calls on (B,).
         for j, row in enumerate(out):
-            epoch, k = divmod(self._consumed + self.rank + j * self.world_size, n_windows)
-            if self.shuffle:
-                k = int(self._order(epoch, n_windows)[k])
+            k = self._epoch_window(self._consumed + self.rank + j * self.world_size, n_windows)
             start = k * seq_len
             # A window inside one file is the common case, inlined; _read handles the rest.
             f = bisect.bisect_right(self._starts, start) - 1
@@ -244,6 +248,41 @@ class ShardBatchSource:
         inputs = torch.from_numpy(out[:, :-1].astype(np.int64))  # (B, T)
         labels = torch.from_numpy(out[:, 1:].astype(np.int64))  # (B, T)
         return inputs, labels
+
+    def batch_windows(self, batch_size: int, seq_len: int) -> list[int]:
+        """The epoch windows (0 <= k < windows_per_epoch) of this rank's next batch, in row order.
+
+        What `next_batch` will read, without reading it: a teacher cache is keyed by these.
+        """
+        n_windows = self.check_seq_len(seq_len)
+        first = self._consumed + self.rank
+        return [
+            self._epoch_window(first + j * self.world_size, n_windows) for j in range(batch_size)
+        ]
+
+    def windows_needed(self, count: int, seq_len: int) -> tuple[int, int]:
+        """(lowest, highest) epoch window among the next `count` global windows, all ranks."""
+        n_windows = self.check_seq_len(seq_len)
+        first = self._consumed
+        if self.shuffle and count < n_windows:
+            epochs = range(first // n_windows, (first + count - 1) // n_windows + 1)
+            ks = np.concatenate(
+                [
+                    self._order(e, n_windows)[
+                        max(first - e * n_windows, 0) : first + count - e * n_windows
+                    ]
+                    for e in epochs
+                ]
+            )
+            return int(ks.min()), int(ks.max())
+        if count >= n_windows or first % n_windows + count > n_windows:
+            return 0, n_windows - 1  # every window (or a wrap past the end)
+        return first % n_windows, first % n_windows + count - 1
+
+    def _epoch_window(self, g: int, n_windows: int) -> int:
+        """The window global index g reads: g mod the epoch, through the epoch's permutation."""
+        epoch, k = divmod(g, n_windows)
+        return int(self._order(epoch, n_windows)[k]) if self.shuffle else k
 
     def window(self, k: int, seq_len: int) -> np.ndarray:
         """Window k of an epoch, tokens [k*seq_len, k*seq_len + seq_len + 1), as uint32.

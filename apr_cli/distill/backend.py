@@ -6,7 +6,6 @@ import contextlib
 import os
 import random
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -58,25 +57,12 @@ class Backend:
         return info
 
 
-def cpu_has_bf16_matrix_units(cpuinfo: Path = Path("/proc/cpuinfo")) -> bool:
-    """True when the CPU advertises AMX bf16 tiles (the `amx_bf16` flag in /proc/cpuinfo).
-
-    There bf16 matmuls run several times faster than fp32 ones; without them (AVX-512 bf16
-    alone, or nothing) bf16 buys little over fp32 and costs precision. Not Linux: False.
-    """
-    try:
-        lines = cpuinfo.read_text().splitlines()
-    except OSError:
-        return False
-    return any(line.startswith("flags") and "amx_bf16" in line.split() for line in lines)
-
-
 def select_backend(device: str = "auto", dtype: str = "auto") -> Backend:
     """auto: CUDA (TF32 matmuls) when available, else CPU; matmuls in `dtype` under autocast.
 
-    dtype auto: bf16 on CUDA and on CPUs with bf16 matrix units (`cpu_has_bf16_matrix_units`),
-    fp32 elsewhere. Under torchrun (WORLD_SIZE > 1 in the environment) this joins the process
-    group: nccl on CUDA, gloo on CPU, one GPU per local rank.
+    dtype auto: bf16 on CUDA, fp32 on the CPU (there bf16 pays only for large matmuls, see
+    docs/performance.md; ask for it with dtype="bf16"). Under torchrun (WORLD_SIZE > 1 in the
+    environment) this joins the process group: nccl on CUDA, gloo on CPU, one GPU per local rank.
     """
     if device not in DEVICES:
         raise AprError(f"--device: expected one of {', '.join(DEVICES)}, got {device!r}")
@@ -90,7 +76,7 @@ def select_backend(device: str = "auto", dtype: str = "auto") -> Backend:
         dist.init_process_group("nccl" if use_cuda else "gloo")
     rank = dist.get_rank() if world_size > 1 else 0
     if dtype == "auto":
-        dtype = "bf16" if use_cuda or cpu_has_bf16_matrix_units() else "fp32"
+        dtype = "bf16" if use_cuda else "fp32"
     autocast_dtype = torch.bfloat16 if dtype == "bf16" else None
     if not use_cuda:
         return Backend(torch.device("cpu"), autocast_dtype, rank, world_size)

@@ -2,18 +2,19 @@
 
 from __future__ import annotations
 
+import pickle
 import re
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from apr_cli.errors import AprError
+from apr_cli.errors import WRITE_FAILED, AprError, os_reason
 from apr_cli.fsutil import atomic_write
 
 CHECKPOINT_DIR = "checkpoints"
 NAME = re.compile(r"^step-(\d{8})\.pt$")
-IO_ERROR_EXIT = 4
+CHECKPOINT_KEYS = ("pipeline", "log_bytes", "options")  # what RunReporter.checkpoint saves
 
 
 def checkpoint_dir(run_dir: Path) -> Path:
@@ -39,30 +40,40 @@ def save_checkpoint(run_dir: Path, step: int, state: dict[str, Any], keep: int) 
         raise AprError(
             f"checkpoint {path}: could not be written ({os_reason(e)}); "
             "the previous checkpoint is intact",
-            exit_code=IO_ERROR_EXIT,
+            exit_code=WRITE_FAILED,
         ) from None
     for old in list_checkpoints(run_dir)[:-keep]:
         old.unlink(missing_ok=True)
     return path
 
 
-def os_reason(error: BaseException) -> str:
-    """The operating system's words for a failed write (e.g. 'No space left on device')."""
-    seen: BaseException | None = error
-    while seen is not None:
-        if isinstance(seen, OSError) and seen.strerror:
-            return seen.strerror
-        seen = seen.__context__
-    return str(error)
+def load_latest_checkpoint(run_dir: Path) -> tuple[Path, dict[str, Any], list[tuple[Path, str]]]:
+    """The newest checkpoint that loads, and the newer ones that did not, with the reason.
 
-
-def load_latest_checkpoint(run_dir: Path) -> tuple[Path, dict[str, Any]]:
-    """The newest complete checkpoint; weights-only loading never runs code."""
+    Weights-only loading never runs code.
+    """
     found = list_checkpoints(run_dir)
     if not found:
         raise AprError(f"--resume {run_dir}: no checkpoint to resume from")
-    path = found[-1]
-    try:
-        return path, torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # a corrupt file: say which, never a traceback
-        raise AprError(f"checkpoint {path}: cannot be read ({e})") from None
+    skipped: list[tuple[Path, str]] = []
+    for path in reversed(found):
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+            missing = [k for k in CHECKPOINT_KEYS if not isinstance(state, dict) or k not in state]
+            if missing or "step" not in state["pipeline"]:
+                raise ValueError(f"not an apr checkpoint: no {(missing or ['step'])[0]!r}")
+            return path, state, skipped
+        except Exception as e:  # corrupt or foreign: one line, never a traceback
+            skipped.append((path, load_failure(e)))
+    newest, reason = skipped[0]
+    raise AprError(
+        f"--resume {run_dir}: no checkpoint can be read (newest: {newest.name}: {reason}); "
+        "start a new run instead"
+    )
+
+
+def load_failure(error: Exception) -> str:
+    """Why torch.load failed, in one sentence, without its advice to load unsafely."""
+    if isinstance(error, pickle.UnpicklingError) and error.__context__ is not None:
+        error = error.__context__  # the unpickler's own reason; the outer one is advice
+    return os_reason(error).split(". ")[0]

@@ -9,10 +9,11 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from apr_cli.data.shards import ShardBatchSource
 from apr_cli.distill.backend import Backend, select_backend
-from apr_cli.distill.losses import distill_loss
+from apr_cli.distill.losses import auto_chunk_tokens, token_divergence
 from apr_cli.distill.options import DEFAULT_WINDOWS
 from apr_cli.errors import AprError
 from apr_cli.model.checkpoint import load_model
@@ -39,6 +40,103 @@ def window_indices(n_windows: int, count: int) -> list[int]:
     return [i * n_windows // count for i in range(count)]
 
 
+@dataclass(frozen=True)
+class WindowScores:
+    """Means over every label of some windows; the teacher's entries are None without one."""
+
+    loss: float  # the student's cross-entropy, nats per token
+    tokens: int
+    kl_to_teacher: float | None = None  # KL(teacher || student) at T=1, nats per token
+    top1_agreement: float | None = None  # share of positions where both argmaxes agree
+    teacher_loss: float | None = None  # the teacher's cross-entropy, when asked for
+
+
+def block_sums(
+    student_hidden: torch.Tensor,  # (N, C)
+    student_weight: torch.Tensor,  # (V_s, C)
+    labels: torch.Tensor,  # (N,)
+    teacher_hidden: torch.Tensor | None = None,  # (N, C_t)
+    teacher_weight: torch.Tensor | None = None,  # (V_t, C_t)
+    *,
+    teacher_loss: bool = False,
+    chunk_tokens: int = 0,
+) -> torch.Tensor:
+    """(4,) sums over the N positions: student CE, KL(t || s), top-1 matches, teacher CE.
+
+    Logits are made `chunk_tokens` tokens at a time (0: `auto_chunk_tokens`), so (N, V) never
+    exists. Each model's CE uses its whole vocabulary (as `apr eval` scores it); KL and
+    agreement use the rows both share.
+    """
+    vocab = student_weight.shape[0]
+    if teacher_weight is not None:
+        vocab = min(vocab, teacher_weight.shape[0])
+    widest = max(w.shape[0] for w in (student_weight, teacher_weight) if w is not None)
+    chunk = chunk_tokens or auto_chunk_tokens(widest)
+    sums = torch.zeros(4, dtype=torch.float64, device=student_hidden.device)
+    for start in range(0, labels.shape[0], chunk):
+        rows = slice(start, start + chunk)
+        s_logits = F.linear(student_hidden[rows], student_weight).float()  # (n, V_s)
+        sums[0] += F.cross_entropy(s_logits, labels[rows], reduction="sum")
+        if teacher_hidden is None:
+            continue
+        t_logits = F.linear(teacher_hidden[rows], teacher_weight).float()  # (n, V_t)
+        if teacher_loss:
+            sums[3] += F.cross_entropy(t_logits, labels[rows], reduction="sum")
+        s_logits, t_logits = s_logits[:, :vocab], t_logits[:, :vocab]
+        s_logp, t_logp = F.log_softmax(s_logits, -1), F.log_softmax(t_logits, -1)
+        sums[1] += token_divergence(s_logp, t_logp, "forward-kl").sum()
+        sums[2] += (s_logits.argmax(-1) == t_logits.argmax(-1)).sum()
+    return sums
+
+
+def score_windows(
+    student: Qwen2ForCausalLM,
+    source: ShardBatchSource,
+    picks: list[int],
+    *,
+    seq_len: int,
+    batch_size: int,
+    backend: Backend,
+    teacher: Qwen2ForCausalLM | None = None,
+    teacher_loss: bool = False,
+) -> WindowScores:
+    """Score windows `picks` of `source` in batches of `batch_size`; no state is changed.
+
+    The data position, the RNG and the models' modes are left as they were, so scoring in the
+    middle of training does not change what training does next.
+    """
+    sums, tokens = torch.zeros(4, dtype=torch.float64, device=backend.device), 0
+    with torch.no_grad(), backend.autocast():
+        for first in range(0, len(picks), batch_size):
+            rows = np.stack([source.window(k, seq_len) for k in picks[first : first + batch_size]])
+            ids = torch.from_numpy(rows.astype(np.int64)).to(backend.device)  # (B, T+1)
+            inputs, labels = ids[:, :-1], ids[:, 1:]
+            hidden = student.hidden_states(inputs).flatten(0, 1)  # (B*T, C)
+            t_hidden, t_weight = None, None
+            if teacher is not None:
+                t_hidden = teacher.hidden_states(inputs).flatten(0, 1)  # (B*T, C_t)
+                t_weight = teacher.output_weight
+            sums += block_sums(
+                hidden,
+                student.output_weight,
+                labels.flatten(),
+                t_hidden,
+                t_weight,
+                teacher_loss=teacher_loss,
+            )
+            tokens += labels.numel()
+    ce, kl, agree, t_ce = (s / tokens for s in sums.tolist())
+    if teacher is None:
+        return WindowScores(loss=ce, tokens=tokens)
+    return WindowScores(
+        loss=ce,
+        tokens=tokens,
+        kl_to_teacher=kl,
+        top1_agreement=agree,
+        teacher_loss=t_ce if teacher_loss else None,
+    )
+
+
 def evaluate(
     model: Qwen2ForCausalLM,
     source: ShardBatchSource,
@@ -56,24 +154,15 @@ def evaluate(
         raise AprError(f"--batch-size must be > 0, got {batch_size}")
     backend = backend or select_backend("cpu")
     picks = window_indices(source.check_seq_len(seq_len), windows)
-    total, tokens = 0.0, 0
     model.eval()
-    with torch.inference_mode(), backend.autocast():
-        for first in range(0, len(picks), batch_size):
-            rows = np.stack([source.window(k, seq_len) for k in picks[first : first + batch_size]])
-            ids = torch.from_numpy(rows.astype(np.int64)).to(backend.device)  # (B, T+1)
-            inputs, labels = ids[:, :-1], ids[:, 1:]
-            hidden = model.hidden_states(inputs)  # (B, T, C)
-            # The chunked loss: a large vocabulary's (B*T, V) logits never exist at once.
-            parts = distill_loss(hidden, model.output_weight, None, None, labels)
-            total += float(parts.ce) * labels.numel()
-            tokens += labels.numel()
-    loss = total / tokens
+    scores = score_windows(
+        model, source, picks, seq_len=seq_len, batch_size=batch_size, backend=backend
+    )
     return Evaluation(
-        loss=loss,
-        perplexity=math.exp(loss),
+        loss=scores.loss,
+        perplexity=math.exp(scores.loss),
         windows=len(picks),
-        tokens=tokens,
+        tokens=scores.tokens,
         windows_per_epoch=source.windows_per_epoch(seq_len),
         seq_len=seq_len,
     )

@@ -10,6 +10,7 @@ from dataclasses import asdict, dataclass, field, fields, is_dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from apr_cli.distill.sinks import JSONL, parse_report_to
 from apr_cli.errors import AprError
 
 DEFAULT_TEACHER = "tiny-teacher"
@@ -49,13 +50,27 @@ class TrainConfig:
                 f"--batch-size {self.batch_size} is not a multiple of "
                 f"--grad-accum {self.grad_accum}",
             ),
-            (self.lr > 0 and math.isfinite(self.lr), f"--lr must be > 0, got {self.lr}"),
+            (0 < self.lr < math.inf, f"--lr must be > 0 and finite, got {self.lr}"),
+            (
+                0.0 <= self.min_lr_ratio <= 1.0,
+                f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}",
+            ),
             (self.warmup >= 0, f"--warmup must be >= 0, got {self.warmup}"),
-            (self.temperature > 0, f"--temperature must be > 0, got {self.temperature}"),
+            (
+                0 <= self.weight_decay < math.inf,
+                f"--weight-decay must be >= 0 and finite, got {self.weight_decay}",
+            ),
+            (
+                0 < self.temperature < math.inf,
+                f"--temperature must be > 0 and finite, got {self.temperature}",
+            ),
             (0.0 <= self.alpha <= 1.0, f"--alpha must be in [0, 1], got {self.alpha}"),
             (self.loss in LOSS_KINDS, f"--loss must be one of {', '.join(LOSS_KINDS)}"),
             (0.0 < self.beta < 1.0, f"--beta must be in (0, 1), got {self.beta}"),
-            (self.grad_clip > 0, f"--grad-clip must be > 0, got {self.grad_clip}"),
+            (
+                0 < self.grad_clip < math.inf,
+                f"--grad-clip must be > 0 and finite, got {self.grad_clip}",
+            ),
             (self.loss_chunk >= 0, f"--loss-chunk must be >= 0, got {self.loss_chunk}"),
         ]
         if max_seq_len is not None:
@@ -83,36 +98,144 @@ class TrainConfig:
 
 
 @dataclass
+class OnPolicyOptions:
+    """What `--on-policy` and its sampling flags asked for."""
+
+    on_policy_fraction: float = 0.0  # share of steps whose batch is sampled (0: corpus only)
+    prompts: Path | None = None  # JSONL of {"prompt": ...} or a shard folder; None: --dataset
+    max_new_tokens: int = 32  # every continuation has this many tokens (no early stop)
+    sample_temperature: float = 1.0  # the loss keeps --temperature
+    sample_top_p: float = 1.0
+    # Reverse KL on the student's own samples: it is the per-token objective whose gradient
+    # pushes down exactly the tokens the student writes and the teacher would not (mode
+    # seeking), what GKD and Thinking Machines' on-policy distillation use.
+    on_policy_loss: str = "reverse-kl"
+    teacher_samples: bool = False  # sample continuations from the teacher (sequence-level KD)
+
+    @property
+    def enabled(self) -> bool:
+        return self.on_policy_fraction > 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "prompts": None if self.prompts is None else str(self.prompts)}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> OnPolicyOptions:
+        return cls(**{**d, "prompts": None if d["prompts"] is None else Path(d["prompts"])})
+
+    def validate(self, seq_len: int, has_teacher: bool, has_dataset: bool) -> None:
+        """Refuse settings that cannot sample, naming the flag."""
+        checks = [
+            (
+                0.0 <= self.on_policy_fraction <= 1.0,
+                f"--on-policy must be in [0, 1], got {self.on_policy_fraction}",
+            ),
+            (
+                # Only a sampling run is held to its --seq-len (the default may exceed a short one).
+                1 <= self.max_new_tokens <= seq_len or not self.enabled,
+                f"--max-new-tokens must be in [1, --seq-len {seq_len}], got {self.max_new_tokens}",
+            ),
+            (
+                self.sample_temperature >= 0,
+                f"--sample-temperature must be >= 0, got {self.sample_temperature}",
+            ),
+            (
+                0.0 < self.sample_top_p <= 1.0,
+                f"--sample-top-p must be in (0, 1], got {self.sample_top_p}",
+            ),
+            (
+                self.on_policy_loss in LOSS_KINDS,
+                f"--on-policy-loss must be one of {', '.join(LOSS_KINDS)}",
+            ),
+            (
+                self.enabled or not self.teacher_samples,
+                "--teacher-samples needs --on-policy > 0 (the share of steps to sample)",
+            ),
+            (not self.enabled or has_teacher, "--on-policy needs a teacher to score the samples"),
+            (
+                not self.enabled or self.prompts is not None or has_dataset,
+                "--on-policy needs --prompts (a JSONL file or a shard folder) or --dataset",
+            ),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise AprError(message)
+
+
+@dataclass
 class DistillOptions:
     """Everything `apr distill` was asked for, before anything is loaded."""
 
     teacher: str | None = DEFAULT_TEACHER  # None trains the student on the labels alone
+    teacher_cache: Path | None = None  # a teacher cache instead of a teacher model
     student: str = DEFAULT_STUDENT
     student_init: str | None = None  # teacher-layers:0,2,... builds the student from the teacher
     dataset: Path | None = None
     shuffle: bool = False  # read --dataset windows in a seeded random order per epoch
     device: str = "auto"
-    dtype: str = "auto"  # matmul dtype: auto (bf16 on CUDA and AMX CPUs, else fp32), bf16, fp32
+    dtype: str = "auto"  # matmul dtype: auto (bf16 on CUDA, fp32 on the CPU), bf16, fp32
     teacher_warmup: int | None = None  # None: PRESET_TEACHER_WARMUP for a preset teacher, else 0
     save_every: int = 1000  # steps between checkpoints (one is always written at the end)
     fsdp: bool = False  # under torchrun: shard student and teacher (FSDP2) instead of DDP
     keep_checkpoints: int = 2
+    val_dataset: Path | None = None  # held-out shards scored during training
+    eval_every: int = 0  # steps between evals; 0: after the last step only
+    eval_windows: int = DEFAULT_WINDOWS  # val windows scored, the same each time; 0: all
+    keep_best: bool = False  # keep the student with the lowest val loss
+    report_to: str = JSONL  # comma-separated sinks; metrics.jsonl is always written
     threads: int = 0  # CPU threads for torch; 0: the cores this process may use, split over ranks
     train: TrainConfig = field(default_factory=TrainConfig)
+    on_policy: OnPolicyOptions = field(default_factory=OnPolicyOptions)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
-        d["dataset"] = None if self.dataset is None else str(self.dataset)
+        for name in ("dataset", "val_dataset", "teacher_cache"):
+            d[name] = None if d[name] is None else str(d[name])
+        d["on_policy"] = self.on_policy.to_dict()
         return d
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> DistillOptions:
-        fields = {**d, "train": TrainConfig(**d["train"])}
-        fields["dataset"] = None if d["dataset"] is None else Path(d["dataset"])
-        return cls(**fields)
+    def from_dict(cls, d: dict[str, Any], source: str = "options") -> DistillOptions:
+        """Options as `to_dict` wrote them; unknown or missing fields are refused by name."""
+        try:
+            fields = {**d, "train": TrainConfig(**d["train"])}
+            # Runs from before on-policy sampling have no on_policy options: they never sampled.
+            if "on_policy" in d:
+                fields["on_policy"] = OnPolicyOptions.from_dict(d["on_policy"])
+            for name in ("dataset", "val_dataset", "teacher_cache"):  # absent from older runs
+                fields[name] = None if d.get(name) is None else Path(d[name])
+            return cls(**fields)
+        except (KeyError, TypeError) as e:  # written by another version of apr, or edited
+            raise AprError(f"{source}: options this apr cannot use ({e})") from None
+
+    def absolute(self) -> DistillOptions:
+        """Local paths made absolute, so a resume from another directory finds the same files.
+
+        A teacher or student that names an existing folder or file is one (load_model looks
+        there first); presets and hub ids stay as given.
+        """
+
+        def local(spec: str | None) -> str | None:
+            exists = spec is not None and Path(spec).expanduser().exists()
+            return str(Path(spec).expanduser().resolve()) if exists else spec
+
+        def path(p: Path | None) -> Path | None:
+            return None if p is None else p.expanduser().resolve()
+
+        return replace(
+            self,
+            teacher=local(self.teacher),
+            student=local(self.student),
+            dataset=path(self.dataset),
+            val_dataset=path(self.val_dataset),
+            teacher_cache=path(self.teacher_cache),
+        )
 
     def validate(self) -> None:
         self.train.validate()
+        self.on_policy.validate(
+            self.train.seq_len, self.teacher is not None, self.dataset is not None
+        )
         if self.teacher_warmup is not None and self.teacher_warmup < 0:
             raise AprError(f"--teacher-warmup must be >= 0, got {self.teacher_warmup}")
         if self.save_every < 0:
@@ -121,6 +244,24 @@ class DistillOptions:
             raise AprError(f"--threads must be >= 0, got {self.threads}")
         if self.keep_checkpoints < 1:
             raise AprError(f"--keep-checkpoints must be >= 1, got {self.keep_checkpoints}")
+        if self.teacher_cache is not None:
+            if self.teacher is not None:
+                raise AprError("--teacher and --teacher-cache: pass one of them, not both")
+            if self.dataset is None:
+                raise AprError("--teacher-cache needs the --dataset it was built from")
+            if self.on_policy.enabled:  # sampled tokens were never cached: a teacher must score
+                raise AprError("--on-policy needs a teacher model, not --teacher-cache")
+            if self.teacher_warmup or self.student_init is not None:
+                flag = "--student-init" if self.student_init else "--teacher-warmup"
+                raise AprError(f"{flag} needs a teacher model, not --teacher-cache")
+        if self.eval_every < 0:
+            raise AprError(f"--eval-every must be >= 0, got {self.eval_every}")
+        if self.eval_windows < 0:
+            raise AprError(f"--eval-windows must be >= 0, got {self.eval_windows}")
+        if self.val_dataset is None and (self.eval_every or self.keep_best):
+            flag = "--eval-every" if self.eval_every else "--keep-best"
+            raise AprError(f"{flag} needs --val-dataset")
+        parse_report_to(self.report_to)
 
 
 # Fields a resumed run may change: they do not change what the student learns. A test checks
@@ -134,6 +275,7 @@ RESUMABLE_CHANGES = frozenset(
         "loss_chunk",
         "compile",
         "fsdp",
+        "report_to",
         "threads",
     }
 )
@@ -147,10 +289,13 @@ def resumed_options(
     Refuses a change to a setting outside RESUMABLE_CHANGES, naming its flag.
     """
     train = replace(saved.train, **asked(requested.train, defaults.train))
-    options = replace(saved, train=train, **asked(requested, defaults))
+    on_policy = replace(saved.on_policy, **asked(requested.on_policy, defaults.on_policy))
+    options = replace(saved, train=train, on_policy=on_policy, **asked(requested, defaults))
     changed = [
-        f"--{name.replace('_', '-')} {shown(new)!r} (the run used {shown(old)!r})"
-        for name, old, new in differences(saved, options) + differences(saved.train, train)
+        f"{flag(name)} {shown(new)!r} (the run used {shown(old)!r})"
+        for name, old, new in differences(saved, options)
+        + differences(saved.train, train)
+        + differences(saved.on_policy, on_policy)
         if name not in RESUMABLE_CHANGES
     ]
     if changed:
@@ -159,6 +304,11 @@ def resumed_options(
             "start a new run instead"
         )
     return options
+
+
+def flag(name: str) -> str:
+    """The command-line flag of an options field."""
+    return "--on-policy" if name == "on_policy_fraction" else f"--{name.replace('_', '-')}"
 
 
 def asked(requested: Any, defaults: Any) -> dict[str, Any]:

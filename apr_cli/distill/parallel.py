@@ -21,6 +21,8 @@ from torch.nn.parallel import DistributedDataParallel
 
 from apr_cli.distill.backend import Backend
 from apr_cli.distill.losses import distill_loss
+from apr_cli.distill.topk_loss import TopKTeacher, topk_distill_loss
+from apr_cli.model.mlp import RouterStats
 
 FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
 
@@ -41,20 +43,26 @@ class StudentLoss(nn.Module):
         self,
         inputs: torch.Tensor,
         labels: torch.Tensor,
-        teacher_hidden: torch.Tensor | None,
+        teacher: torch.Tensor | TopKTeacher | None,
         teacher_weight: torch.Tensor | None,
         loss_options: dict[str, Any],
     ) -> torch.Tensor:
-        """(3,) tensor: loss, kd, ce."""
-        parts = distill_loss(
-            self.hidden(inputs),  # (B, T, C)
-            self.student.output_weight,
-            teacher_hidden,
-            teacher_weight,
-            labels,
-            **loss_options,
-        )
-        return torch.stack([parts.loss, parts.kd, parts.ce])
+        """(4,) tensor: loss, kd, ce, and the router's load-balancing loss (0 when dense).
+
+        `teacher`: final hidden states (B, T, C_t) projected by `teacher_weight`, or a top-k
+        cache's outputs. A Qwen3-MoE student's loss includes router_aux_loss_coef times the
+        load-balancing loss, as transformers trains it, so its experts keep receiving tokens.
+        """
+        router = RouterStats()
+        hidden = self.hidden(inputs, router=router)  # (B, T, C)
+        weight = self.student.output_weight
+        if isinstance(teacher, TopKTeacher):
+            parts = topk_distill_loss(hidden, weight, teacher, labels, **loss_options)
+        else:
+            parts = distill_loss(hidden, weight, teacher, teacher_weight, labels, **loss_options)
+        aux = router.loss().to(parts.loss.device)
+        loss = parts.loss + self.student.config.router_aux_loss_coef * aux
+        return torch.stack([loss, parts.kd, parts.ce, aux.detach()])
 
 
 def wrap(module: StudentLoss, backend: Backend, parallel: str) -> nn.Module:

@@ -7,7 +7,7 @@ import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 import torch
@@ -17,8 +17,13 @@ from apr_cli.data.source import BatchSource, SyntheticBatchSource
 from apr_cli.distill import parallel as parallel_lib
 from apr_cli.distill.backend import Backend, select_backend
 from apr_cli.distill.losses import IGNORE_INDEX
+from apr_cli.distill.on_policy import CORPUS, STUDENT_SAMPLES, TEACHER_SAMPLES, SampledBatches
 from apr_cli.distill.options import TrainConfig
+from apr_cli.distill.topk_loss import TopKTeacher
 from apr_cli.errors import AprError
+
+if TYPE_CHECKING:
+    from apr_cli.teacher_cache.reader import TeacherCache
 
 
 @dataclass(frozen=True)
@@ -32,6 +37,10 @@ class StepMetrics:
     grad_norm: float
     tokens_per_s: float
     sec_per_step: float
+    aux_loss: float | None = None  # the router's load-balancing loss, for a Qwen3-MoE student
+    kind: str | None = None  # off-policy | on-policy | teacher-samples; None: no sampling run
+    generated: float = 0.0  # mean generated tokens per row (sampled steps)
+    sample_s: float = 0.0  # of sec_per_step, the time spent sampling
 
 
 @dataclass(frozen=True)
@@ -74,8 +83,13 @@ class Pipeline:
         source: BatchSource | None = None,
         backend: Backend | None = None,
         parallel: str = "ddp",
+        teacher_cache: TeacherCache | None = None,
+        sampler: SampledBatches | None = None,
     ):
+        """`teacher_cache` stands in for `teacher` (then None): its rows are read by the windows
+        `source` (a ShardBatchSource) hands out, so shuffling, resume and ranks all line up."""
         self.config = config
+        self.sampler = sampler  # builds the batches of on-policy steps
         self.backend = backend or select_backend("cpu", "fp32")
         device, world = self.backend.device, self.backend.world_size
         self.student = student.to(device).train()
@@ -85,6 +99,10 @@ class Pipeline:
             if parallel == "fsdp" and world > 1:
                 parallel_lib.shard_teacher(teacher)
         self.sharded_teacher = teacher is not None and parallel == "fsdp" and world > 1
+        self.teacher_cache = teacher_cache
+        self.teacher_weight = None if teacher is None else teacher.output_weight
+        if teacher_cache is not None and teacher_cache.kind == "hidden":
+            self.teacher_weight = teacher_cache.output_weight().to(device)
         # Compiled callables share parameters with the modules, which stay plain for saving.
         self.teacher_forward = None if teacher is None else teacher.hidden_states
         if teacher is not None and config.compile:
@@ -113,6 +131,11 @@ class Pipeline:
             "beta": config.beta,
             "chunk_tokens": config.loss_chunk,
         }
+        # The student's own samples are scored by the teacher alone: CE on them would teach the
+        # student its own mistakes. Teacher samples keep the run's loss (sequence-level KD).
+        self.sampled_loss_options = dict(self.loss_options)
+        if sampler is not None and sampler.kind == STUDENT_SAMPLES:
+            self.sampled_loss_options.update(kind=sampler.options.on_policy_loss, alpha=1.0)
         self.step = 0  # optimizer steps taken
         self.losses: list[float] = []  # one per step taken
         self.train_seconds = 0.0  # time spent in steps, summed over resumed segments
@@ -156,6 +179,7 @@ class Pipeline:
             "student": self.student_state(),
             "optimizer": parallel_lib.full_optimizer_state(self.model, self.optimizer),
             "source": self.source.state_dict(),
+            "sampler": None if self.sampler is None else self.sampler.state_dict(),
             "rng": rng_state(),
             "losses": list(self.losses),
             "train_seconds": self.train_seconds,
@@ -166,6 +190,8 @@ class Pipeline:
         parallel_lib.load_full_model_state(self.model, state["student"])
         parallel_lib.load_full_optimizer_state(self.model, self.optimizer, state["optimizer"])
         self.source.load_state_dict(state["source"])
+        if self.sampler is not None:
+            self.sampler.load_state_dict(state["sampler"])
         set_rng_state(state["rng"])
         self.losses = list(state["losses"])
         self.train_seconds = state["train_seconds"]
@@ -179,31 +205,34 @@ class Pipeline:
             group["lr"] = lr
         world = self.backend.world_size
         micro = cfg.batch_size // (cfg.grad_accum * world)  # rows per rank per micro-batch
-        batches = [self.source.next_batch(micro, cfg.seq_len) for _ in range(cfg.grad_accum)]
+        sampled = self.sampler is not None and self.sampler.samples_at(self.step)
+        if sampled:
+            batches = [self.sampled_batch(micro) for _ in range(cfg.grad_accum)]
+        else:
+            batches = [self.next_batch(micro) for _ in range(cfg.grad_accum)]
+        sample_s = time.perf_counter() - t0 if sampled else 0.0
+        loss_options = self.sampled_loss_options if sampled else self.loss_options
         # Weigh micro-batches by their share of the global batch's tokens, so accumulation and
         # data parallelism both equal one big batch; DDP/FSDP average gradients, hence * world.
-        counts = [int((labels != IGNORE_INDEX).sum()) for _, labels in batches]
+        counts = [int((labels != IGNORE_INDEX).sum()) for _, labels, _ in batches]
         local = torch.tensor([float(sum(counts))], device=device)
         total = max(1.0, parallel_lib.all_reduce_sum(local, self.backend).item())
         self.optimizer.zero_grad(set_to_none=True)
-        sums = torch.zeros(3, device=device)
-        teacher_weight = None if self.teacher is None else self.teacher.output_weight
-        for i, (inputs, labels) in enumerate(batches):
+        sums = torch.zeros(4, device=device)
+        for i, (inputs, labels, windows) in enumerate(batches):
             inputs, labels = inputs.to(device), labels.to(device)
             weight = counts[i] / total
-            teacher_hidden = self.teacher_hidden(inputs)
+            teacher = self.teacher_outputs(inputs, windows)
             last = i == len(batches) - 1
             with parallel_lib.gradient_sync(self.model, last), self.backend.autocast():
-                parts = self.model(
-                    inputs, labels, teacher_hidden, teacher_weight, self.loss_options
-                )
+                parts = self.model(inputs, labels, teacher, self.teacher_weight, loss_options)
             (parts[0] * (weight * world)).backward()
             sums += weight * parts.detach()
         parallel_lib.all_reduce_sum(sums, self.backend)
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
         if hasattr(grad_norm, "full_tensor"):  # a DTensor under FSDP2
             grad_norm = grad_norm.full_tensor()
-        loss, kd, ce = sums.tolist()
+        loss, kd, ce, aux = sums.tolist()
         self.step += 1
         if not math.isfinite(loss):
             raise TrainingDiverged(self.step, loss)
@@ -221,7 +250,46 @@ class Pipeline:
             grad_norm=float(grad_norm),
             tokens_per_s=cfg.batch_size * cfg.seq_len / elapsed,
             sec_per_step=elapsed,
+            aux_loss=aux if self.student.config.arch.moe else None,
+            kind=None if self.sampler is None else self.sampler.kind if sampled else CORPUS,
+            generated=total / cfg.batch_size if sampled else 0.0,
+            sample_s=sample_s,
         )
+
+    def next_batch(self, rows: int) -> tuple[torch.Tensor, torch.Tensor, list[int] | None]:
+        """(inputs, labels, the dataset windows they come from when a cache needs them)."""
+        seq_len = self.config.seq_len
+        windows = None
+        if self.teacher_cache is not None:
+            windows = self.source.batch_windows(rows, seq_len)
+        return *self.source.next_batch(rows, seq_len), windows
+
+    def teacher_outputs(
+        self, inputs: torch.Tensor, windows: list[int] | None
+    ) -> torch.Tensor | TopKTeacher | None:
+        """The teacher's side of the loss: final hidden states (B, T, C_t) or top-k outputs."""
+        if self.teacher_cache is not None:
+            return self.teacher_cache.read(windows).to(self.backend.device)
+        return self.teacher_hidden(inputs)
+
+    def sampled_batch(self, rows: int) -> tuple[torch.Tensor, torch.Tensor, None]:
+        """A micro-batch continued by the student (or teacher), no gradients, KV cache."""
+        teacher = self.sampler.kind == TEACHER_SAMPLES
+        model = self.teacher if teacher else self.student
+        # FSDP2 keeps the student's root (embeddings, final norm) sharded outside its forward.
+        gather = not teacher and hasattr(self.model, "unshard")
+        if gather:
+            self.model.unshard()
+        try:
+            # In the model's own dtype: the KV cache has the weights' dtype, which autocast's
+            # bf16 keys would not match.
+            batch = self.sampler.next_batch(model, rows, self.config.seq_len)
+        finally:
+            if gather:
+                self.model.reshard()
+            if not teacher:
+                self.student.train()  # generation left it in eval mode
+        return *batch, None  # sampled rows come from no dataset window
 
     def teacher_hidden(self, inputs: torch.Tensor) -> torch.Tensor | None:
         """Teacher final hidden states (B, T, C_t), with no autograd state."""

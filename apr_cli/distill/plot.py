@@ -6,12 +6,12 @@ import io
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
-from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+from typing import TYPE_CHECKING
 
 from apr_cli.fsutil import atomic_write_bytes
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 TITLE = "apr loss curve"
 
@@ -45,6 +45,11 @@ def tick_subs(values: list[float]) -> tuple[float, ...]:
 
 def loss_figure(history: LossHistory) -> Figure:
     """The figure: total, KD and CE per step on a log axis, validation points, resume marks."""
+    # Imported here, not with the module: a run that fails before its plot (say as a user
+    # whose HOME is not writable, where matplotlib warns) prints its one error line alone.
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
     fig = Figure(figsize=(8, 4.5), dpi=100)
     ax = fig.add_subplot()
     curves = [(history.steps, history.loss, "total (optimized)", "-", 1.8)]
@@ -82,6 +87,8 @@ def loss_figure(history: LossHistory) -> Figure:
 
 def write_loss_plot(path: Path, history: LossHistory) -> None:
     """Save the loss curve as a PNG, atomically."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
     buffer = io.BytesIO()
     FigureCanvasAgg(loss_figure(history)).print_png(buffer, metadata={"Title": history.title})
     atomic_write_bytes(path, buffer.getvalue())

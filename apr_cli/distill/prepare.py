@@ -9,15 +9,19 @@ from typing import Any
 
 import torch
 
+from apr_cli.data.shards import ShardBatchSource
 from apr_cli.data.source import BatchSource, SyntheticBatchSource
 from apr_cli.distill.backend import Backend, seed_everything, select_backend
 from apr_cli.distill.losses import auto_chunk_tokens
+from apr_cli.distill.on_policy import PromptSource, kv_cache_bytes, load_prompts
 from apr_cli.distill.options import DistillOptions
 from apr_cli.distill.pipeline import Pipeline, StepMetrics, TrainConfig
+from apr_cli.distill.sinks import check_installed, parse_report_to
 from apr_cli.errors import AprError
 from apr_cli.model.checkpoint import init_student_from_teacher, load_model, parse_teacher_layers
 from apr_cli.model.qwen2 import Qwen2ForCausalLM, count_parameters
 from apr_cli.model.vocab import shared_vocab_size
+from apr_cli.teacher_cache.reader import TeacherCache
 
 # A preset teacher starts from random weights and knows nothing; these CE steps on the same
 # batches give it something to teach (enough for the synthetic identity task).
@@ -37,6 +41,9 @@ class Prepared:
     source: BatchSource
     vocab_size: int  # rows both models share; data ids must stay below it
     warnings: list[str]
+    teacher_cache: TeacherCache | None = None  # stands in for the teacher model
+    val_source: ShardBatchSource | None = None  # --val-dataset
+    prompts: PromptSource | None = None  # on-policy steps' prompts (--on-policy > 0)
 
     @property
     def teacher_warmup(self) -> int:
@@ -49,7 +56,7 @@ class Prepared:
     @property
     def verb(self) -> str:
         """What the run does, for its summary line."""
-        return "Training" if self.teacher is None else "Distillation"
+        return "Training" if self.teacher_info is None else "Distillation"
 
 
 def set_threads(requested: int) -> None:
@@ -66,17 +73,32 @@ def set_threads(requested: int) -> None:
         torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // ranks_here))
 
 
-def prepare(options: DistillOptions) -> Prepared:
-    """Resolve and check everything a run needs, failing before any file is written."""
+def prepare(options: DistillOptions, plan_only: bool = False) -> Prepared:
+    """Resolve and check everything a run needs, failing before any file is written.
+
+    `plan_only` checks the models but builds them on the meta device: a plan for a 30B teacher
+    reads no weights and needs no memory for them.
+    """
+    options = options.absolute()
     options.validate()
     set_threads(options.threads)
     cfg = options.train
+    # One step's token ids alone must fit in memory: a mistyped --batch-size would otherwise
+    # fail at step 1 with an allocator error, after the run directory was written.
+    ids_bytes = cfg.batch_size * (cfg.seq_len + 1) * 8  # (B, T+1) int64
+    if ids_bytes > physical_memory():
+        raise AprError(
+            f"--batch-size {cfg.batch_size} x --seq-len {cfg.seq_len}: the token ids alone need "
+            f"{ids_bytes / 2**30:,.0f} GiB, more than this machine's "
+            f"{physical_memory() / 2**30:,.0f} GiB of memory"
+        )
     backend = select_backend(options.device, options.dtype)
     seed_everything(cfg.seed)
+    device = torch.device("meta") if plan_only else backend.device
     teacher, teacher_info = None, None
     if options.teacher is not None:
         teacher, teacher_info = load_model(
-            options.teacher, dtype=backend.teacher_dtype, device=backend.device, seed=cfg.seed + 1
+            options.teacher, dtype=backend.teacher_dtype, device=device, seed=cfg.seed + 1
         )
     if options.student_init is not None:
         if teacher is None:
@@ -95,7 +117,7 @@ def prepare(options: DistillOptions) -> Prepared:
     else:
         # Student weights stay fp32: they are the optimizer's master copy.
         student, student_info = load_model(
-            options.student, dtype=torch.float32, device=backend.device, seed=cfg.seed
+            options.student, dtype=torch.float32, device=device, seed=cfg.seed
         )
     models = [m for m in (teacher, student) if m is not None]
     vocab = (
@@ -103,6 +125,11 @@ def prepare(options: DistillOptions) -> Prepared:
         if teacher is not None
         else student.config.vocab_size
     )
+    cache = None
+    if options.teacher_cache is not None:
+        cache = TeacherCache(options.teacher_cache)  # checks every shard's size and hash
+        teacher_info = cache_teacher_info(cache)
+        vocab = cache.check_vocab(student.config.vocab_size)
     context = min(m.config.max_position_embeddings for m in models)
     cfg.validate(max_seq_len=context)
     if cfg.batch_size % (cfg.grad_accum * backend.world_size):
@@ -111,8 +138,6 @@ def prepare(options: DistillOptions) -> Prepared:
             f"x world size {backend.world_size}"
         )
     if options.dataset is not None:
-        from apr_cli.data.shards import ShardBatchSource
-
         source: BatchSource = ShardBatchSource(
             options.dataset,
             vocab_size=vocab,
@@ -122,23 +147,72 @@ def prepare(options: DistillOptions) -> Prepared:
             seed=cfg.seed,
         )
         source.check_seq_len(cfg.seq_len)
+        if cache is not None:
+            # Every window the run will read, from step 0 (a resume reads a subset).
+            needed = source.windows_needed(cfg.steps * cfg.batch_size, cfg.seq_len)
+            cache.check_run(options.dataset, cfg.seq_len, cfg.temperature, needed)
     else:
         source = SyntheticBatchSource(vocab, rank=backend.rank, world_size=backend.world_size)
+    val_source = None
+    if options.val_dataset is not None:
+        val_source = ShardBatchSource(options.val_dataset, vocab_size=vocab)
+        val_source.check_seq_len(cfg.seq_len)
+    check_installed(parse_report_to(options.report_to))
+    prompts = None
+    if options.on_policy.enabled:
+        prompts = load_prompts(
+            options.on_policy,
+            options.dataset,
+            student_info.get("path"),
+            vocab,
+            cfg.seq_len,
+            cfg.seed,
+            backend.rank,
+            backend.world_size,
+        )
     warnings = []
     if teacher is not None and same_model(teacher, student, teacher_info, student_info):
         warnings.append(
             "warning: teacher and student are the same model: there is nothing to distill"
         )
     return Prepared(
-        options, backend, teacher, student, teacher_info, student_info, source, vocab, warnings
+        options,
+        backend,
+        teacher,
+        student,
+        teacher_info,
+        student_info,
+        source,
+        vocab,
+        warnings,
+        cache,
+        val_source,
+        prompts,
     )
+
+
+def cache_teacher_info(cache: TeacherCache) -> dict[str, Any]:
+    """The manifest's teacher entry for a cached teacher: the cache and its fingerprints."""
+    report = cache.describe()
+    return {
+        **{k: report["teacher"][k] for k in ("spec", "config", "parameters", "fingerprint")},
+        "kind": f"teacher-cache ({cache.kind})",
+        "path": report["path"],
+        "dtype": report["compute_dtype"],
+        "cache": report,
+    }
+
+
+def physical_memory() -> int:
+    """Bytes of RAM in this machine."""
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
 def same_model(a: Qwen2ForCausalLM, b: Qwen2ForCausalLM, a_info: dict, b_info: dict) -> bool:
     """Same checkpoint folder, or the same shapes holding the same weights."""
     if a_info.get("path") and a_info.get("path") == b_info.get("path") and "layers" not in b_info:
         return True
-    if a.config.with_(torch_dtype="") != b.config.with_(torch_dtype=""):
+    if a.config.with_(torch_dtype="") != b.config.with_(torch_dtype="") or a.output_weight.is_meta:
         return False
     b_state = b.state_dict()
     return all(torch.equal(t.float(), b_state[name].float()) for name, t in a.state_dict().items())
@@ -151,6 +225,10 @@ def estimate_memory(p: Prepared) -> dict[str, int]:
     tokens = cfg.batch_size // (cfg.grad_accum * p.backend.world_size) * cfg.seq_len  # per pass
     act_bytes = 2 if p.backend.autocast_dtype is not None else 4
     teacher_weights = count_parameters(p.teacher) * act_bytes if p.teacher is not None else 0
+    if p.teacher_cache is not None and p.teacher_cache.kind == "hidden":
+        teacher_config = p.teacher_cache.header.teacher["config"]
+        vocab = max(vocab, teacher_config["vocab_size"])  # its output weight, in fp32
+        teacher_weights = teacher_config["vocab_size"] * teacher_config["hidden_size"] * 4
     student_states = count_parameters(p.student) * 16  # weights, grads, two moments, fp32
     # ~16 saved tensors of width hidden per layer and token, for backward.
     activations = tokens * s.hidden_size * s.num_hidden_layers * 16 * act_bytes
@@ -158,12 +236,17 @@ def estimate_memory(p: Prepared) -> dict[str, int]:
     matmul_dtype = p.backend.autocast_dtype or torch.float32
     block = min(cfg.loss_chunk or auto_chunk_tokens(vocab, matmul_dtype), tokens)
     logits = block * vocab * (4 * 4 + (2 if p.backend.autocast_dtype is not None else 0))
-    total = teacher_weights + student_states + activations + logits
+    kv_cache = 0
+    if p.options.on_policy.enabled:
+        sampler = p.teacher if p.options.on_policy.teacher_samples else p.student
+        kv_cache = kv_cache_bytes(sampler, tokens // cfg.seq_len, cfg.seq_len)
+    total = teacher_weights + student_states + activations + logits + kv_cache
     return {
         "teacher_weights": teacher_weights,
         "student_weights_grads_optimizer": student_states,
         "activations": activations,
         "logits": logits,
+        "sampling_kv_cache": kv_cache,
         "total": total,
     }
 
@@ -177,6 +260,9 @@ def plan(p: Prepared) -> dict[str, Any]:
         "teacher_warmup_steps": p.teacher_warmup,
         "shared_vocab_size": p.vocab_size,
         "data": p.source.describe(),
+        "on_policy": None
+        if p.prompts is None
+        else {**p.options.on_policy.to_dict(), "prompt_source": p.prompts.describe()},
         "backend": p.backend.describe(),
         "hyperparameters": cfg.to_dict(),
         "tokens_per_step": cfg.batch_size * cfg.seq_len,

@@ -19,12 +19,13 @@ from apr_cli.distill.options import DistillOptions
 from apr_cli.distill.pipeline import Pipeline, StepMetrics, TrainResult
 from apr_cli.distill.prepare import Prepared
 from apr_cli.distill.rundir import RunDirectory, format_step
+from apr_cli.distill.watch import RunWatch
 
 Emit = Callable[[str], None]
 
 
 class RunReporter:
-    """Sends each step to the terminal, the victory log and metrics.jsonl; checkpoints."""
+    """Sends each step to the terminal, victory log, metrics.jsonl and watch; checkpoints."""
 
     def __init__(
         self,
@@ -33,15 +34,20 @@ class RunReporter:
         options: DistillOptions,
         emit: Emit,
         on_progress: Callable[[], None] | None,
+        watch: RunWatch,
     ):
         self.run, self.pipeline, self.options = run, pipeline, options
-        self.emit, self.on_progress = emit, on_progress
+        self.emit, self.on_progress, self.watch = emit, on_progress, watch
 
     def on_step(self, metrics: StepMetrics) -> None:
         line = format_step(metrics, with_teacher=self.pipeline.teacher is not None)
         self.emit(line)
         self.run.log(line)
         self.run.append_metrics(metrics)
+        eval_line = self.watch.on_step(metrics, self.pipeline)  # before the checkpoint below
+        if eval_line is not None:
+            self.emit(eval_line)
+            self.run.log(eval_line)
         every = self.options.save_every
         if every and metrics.step % every == 0 and metrics.step < metrics.steps:
             self.checkpoint()
@@ -57,6 +63,7 @@ class RunReporter:
             "pipeline": self.pipeline.state_dict(),
             "log_bytes": self.run.log_size(),
             "options": self.options.to_dict(),
+            "validation": self.watch.state_dict(),
         }
         if self.run.writable:
             save_checkpoint(self.run.path, self.pipeline.step, state, self.options.keep_checkpoints)
@@ -90,6 +97,7 @@ def git_commit() -> str | None:
 def environment() -> dict[str, Any]:
     return {
         "command": sys.argv,
+        "cwd": os.getcwd(),  # where the command's relative paths were given from
         "apr_version": apr_cli.__version__,
         "torch_version": torch.__version__,
         "python_version": platform.python_version(),

@@ -2,23 +2,28 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
+import os
 import shutil
+import socket
 from dataclasses import asdict
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from apr_cli.distill.checkpoints import CHECKPOINT_DIR
 from apr_cli.distill.pipeline import StepMetrics
 from apr_cli.distill.plot import LossHistory
 from apr_cli.errors import AprError
-from apr_cli.fsutil import atomic_write_bytes, atomic_write_json
+from apr_cli.fsutil import append_text, atomic_write_bytes, atomic_write_json
 
 MANIFEST = "dispatch.json"
 VICTORY_LOG = "launch-victory.txt"
 METRICS = "metrics.jsonl"
 LOSS_PLOT = "loss.png"
 STUDENT_DIR = "student-trained.apr"
+LOCK = ".lock"  # flock'ed while a run writes here; holds "pid N on HOST"
 # Everything a run writes; --overwrite clears exactly these.
 ARTIFACTS = (
     MANIFEST,
@@ -26,8 +31,12 @@ ARTIFACTS = (
     METRICS,
     LOSS_PLOT,
     STUDENT_DIR,
-    "checkpoints",
+    CHECKPOINT_DIR,
     "teacher-warmed.apr",
+    "config.yaml",
+    "student-best.apr",
+    "tensorboard",
+    "wandb",
 )
 
 
@@ -62,10 +71,14 @@ def format_step(m: StepMetrics, with_teacher: bool = True) -> str:
     """
     width = len(str(m.steps))
     terms = f" kd={m.kd_loss:.4f} ce={m.ce_loss:.4f}" if with_teacher else ""
-    return (
-        f"step {m.step:>{width}}/{m.steps} loss={m.loss:.4f}{terms} lr={m.lr:.2e} "
-        f"tok/s={m.tokens_per_s:.0f} sec/step={m.sec_per_step:.3f}"
+    line = (
+        f"step {m.step:>{width}}/{m.steps} loss={m.loss:.4f}{terms} "
+        f"{'' if m.aux_loss is None else f'aux={m.aux_loss:.4f} '}"
+        f"lr={m.lr:.2e} tok/s={m.tokens_per_s:.0f} sec/step={m.sec_per_step:.3f}"
     )
+    if m.kind is not None:  # a run that samples: what this step trained on
+        line += f" kind={m.kind} gen={m.generated:.1f} sample_s={m.sample_s:.3f}"
+    return line
 
 
 def step_of(metrics_line: str) -> float:
@@ -85,37 +98,93 @@ class RunDirectory:
     def __init__(self, path: Path, writable: bool = True):
         self.path = Path(path)
         self.writable = writable
+        self.lock_fd: int | None = None
 
     @classmethod
     def create(cls, path: Path, overwrite: bool = False, writable: bool = True) -> RunDirectory:
-        """A fresh run directory; refuses one that already holds a run unless `overwrite`."""
+        """A fresh, locked run directory; refuses one that holds a run unless `overwrite`.
+
+        The old run is deleted here, when the new one has passed every check and is about to
+        write its manifest.
+        """
         run = cls(path, writable)
         if not writable:
             return run
         if run.path.exists() and not run.path.is_dir():
             raise AprError(f"--out {run.path}: exists and is not a directory")
-        previous = run.read_manifest()
-        if previous is not None and not overwrite:
-            status = previous.get("status", "unknown")
-            if status == "running":  # or killed before it could say otherwise: never advise
-                raise AprError(  # overwriting what may still be going
+        run.path.mkdir(parents=True, exist_ok=True)
+        run.lock("--out")
+        try:
+            previous = run.read_manifest()
+            if previous is not None and not overwrite and previous["status"] == "running":
+                raise AprError(  # or killed unfinished: never advise overwriting it
                     f"--out {run.path}: holds a run that is still running (or was killed "
                     f"without finishing); continue it with --resume {run.path} once it has "
                     "stopped, or choose another --out"
                 )
-            raise AprError(
-                f"--out {run.path}: already holds a {status} run; "
-                "pass --overwrite to replace it or choose another --out"
-            )
-        run.path.mkdir(parents=True, exist_ok=True)
-        if overwrite:
-            for name in ARTIFACTS:
+            if previous is not None and not overwrite:
+                raise AprError(
+                    f"--out {run.path}: already holds a run (status {previous['status']}); "
+                    "pass --overwrite to replace it or choose another --out"
+                )
+            for name in ARTIFACTS if overwrite else ():
                 target = run.path / name
-                if target.is_dir():
+                if target.is_dir() and not target.is_symlink():
                     shutil.rmtree(target)
                 else:
                     target.unlink(missing_ok=True)
+            run.remove_temporaries()
+        except BaseException:
+            run.unlock()
+            raise
         return run
+
+    def lock(self, flag: str) -> None:
+        """Hold an OS lock on the directory until `unlock` (or this process ends).
+
+        flock is released by the kernel however the process ends, so a killed run leaves no
+        stale lock; the file's text only names the holder for the refusal below.
+        """
+        if not self.writable:
+            return
+        fd = os.open(self.path / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 256).decode(errors="replace").strip() or "another process"
+            os.close(fd)
+            raise AprError(
+                f"{flag} {self.path}: in use by another apr run ({holder}); "
+                "wait for it to end or choose another --out"
+            ) from None
+        self.lock_fd = fd
+        try:
+            os.ftruncate(fd, 0)
+            os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode())
+        except OSError:
+            pass  # a full disk: the lock holds all the same, only the holder goes unnamed
+
+    def unlock(self) -> None:
+        if self.lock_fd is not None:
+            os.close(self.lock_fd)  # closing the file releases the flock
+            self.lock_fd = None
+
+    def remove_temporaries(self) -> None:
+        """Delete what a killed run left half-written: temp files and temp model folders.
+
+        Only safe while holding the lock: another run's temporaries would be live.
+        """
+        if not self.writable:
+            return  # another rank's: rank 0 may be writing them right now
+        prefixes = tuple(f".{name}." for name in ARTIFACTS) + (".step-",)
+        for folder in (self.path, self.path / CHECKPOINT_DIR):
+            for entry in folder.iterdir() if folder.is_dir() else ():
+                if not entry.name.startswith(prefixes):
+                    continue
+                if entry.is_dir() and not entry.is_symlink():
+                    shutil.rmtree(entry)
+                else:
+                    entry.unlink()
 
     @property
     def manifest_path(self) -> Path:
@@ -126,12 +195,16 @@ class RunDirectory:
         return self.path / STUDENT_DIR
 
     def read_manifest(self) -> dict[str, Any] | None:
-        if not self.manifest_path.is_file():
+        """The manifest; None when there is none, {"status": "unreadable"} when it is broken."""
+        if not os.path.lexists(self.manifest_path):
             return None
         try:
-            return json.loads(self.manifest_path.read_text())
-        except json.JSONDecodeError:
+            manifest = json.loads(self.manifest_path.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError):  # a directory, not UTF-8, ...
             return {"status": "unreadable"}
+        if not isinstance(manifest, dict) or not isinstance(manifest.get("status"), str):
+            return {"status": "unreadable"}
+        return manifest
 
     def write_manifest(self, manifest: dict[str, Any]) -> None:
         if not self.writable:
@@ -142,8 +215,7 @@ class RunDirectory:
         """Append one line to the victory log, flushed so a crash keeps it."""
         if not self.writable:
             return
-        with open(self.path / VICTORY_LOG, "a") as f:
-            f.write(line + "\n")
+        append_text(self.path / VICTORY_LOG, line + "\n")
 
     def log_size(self) -> int:
         path = self.path / VICTORY_LOG
@@ -163,24 +235,31 @@ class RunDirectory:
             atomic_write_bytes(metrics, "".join(kept).encode())
 
     def append_metrics(self, metrics: StepMetrics) -> None:
-        if not self.writable:
-            return
         record = asdict(metrics)
         record.pop("steps")
-        with open(self.path / METRICS, "a") as f:
-            f.write(json.dumps(record) + "\n")
+        if record["aux_loss"] is None:  # a dense student has no router
+            record.pop("aux_loss")
+        self.append_record(record)
+
+    def append_record(self, record: dict[str, Any]) -> None:
+        """One JSON line in metrics.jsonl (a step, or an eval marked `"kind": "eval"`)."""
+        if not self.writable:
+            return
+        append_text(self.path / METRICS, json.dumps(record) + "\n")
 
     def loss_history(self, with_teacher: bool) -> LossHistory:
-        """The steps in metrics.jsonl and the resumes in the manifest, for loss.png."""
+        """The steps and evals in metrics.jsonl and the resumes in the manifest, for loss.png."""
         path = self.path / METRICS
         lines = path.read_text().splitlines() if path.exists() else []
-        records = [json.loads(line) for line in lines if step_of(line) != float("inf")]
+        rows = [json.loads(line) for line in lines if step_of(line) != float("inf")]
+        records = [r for r in rows if r.get("kind") != "eval"]
         resumed = (self.read_manifest() or {}).get("resumed", [])
         return LossHistory(
             steps=[r["step"] for r in records],
             loss=[r["loss"] for r in records],
             ce=[r["ce_loss"] for r in records],
             kd=[r["kd_loss"] for r in records] if with_teacher else None,
+            validation=[(r["step"], r["val_loss"]) for r in rows if r.get("kind") == "eval"],
             resumes=[r["from_step"] for r in resumed],
             title=f"{self.path.name}: loss per step",
         )

@@ -25,6 +25,40 @@ class RunInterrupted(AprError):
         )
 
 
+class WarmUpInterrupted(AprError):
+    def __init__(self, signum: int):
+        super().__init__(
+            f"interrupted by {signal.Signals(signum).name} during the teacher warm-up, before "
+            "any distillation step; there is nothing to resume: start the run again",
+            exit_code=128 + signum,
+        )
+
+
+@contextlib.contextmanager
+def warm_up_signals() -> Iterator[None]:
+    """SIGINT/SIGTERM stop the teacher warm-up at once: it has no checkpoint to finish."""
+
+    def stop(signum, frame):
+        raise WarmUpInterrupted(signum)
+
+    with handling(stop):
+        yield
+
+
+@contextlib.contextmanager
+def handling(handler) -> Iterator[None]:
+    """`handler` for SIGINT and SIGTERM inside the block (from the main thread only)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield  # signal handlers can only be set from the main thread
+        return
+    previous = {sig: signal.signal(sig, handler) for sig in (SIGINT, SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
 class StopSignals:
     """SIGINT/SIGTERM ask the loop to stop after the current step; a second one exits at once."""
 
@@ -40,14 +74,5 @@ class StopSignals:
             os._exit(128 + signum)
         self.signum = signum
 
-    @contextlib.contextmanager
-    def installed(self) -> Iterator[None]:
-        if threading.current_thread() is not threading.main_thread():
-            yield  # signal handlers can only be set from the main thread
-            return
-        previous = {sig: signal.signal(sig, self.handle) for sig in (SIGINT, SIGTERM)}
-        try:
-            yield
-        finally:
-            for sig, handler in previous.items():
-                signal.signal(sig, handler)
+    def installed(self) -> contextlib.AbstractContextManager[None]:
+        return handling(self.handle)

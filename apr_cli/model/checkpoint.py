@@ -7,7 +7,7 @@ import os
 import re
 import shutil
 import tempfile
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import torch
@@ -17,12 +17,14 @@ from safetensors.torch import save_file
 from apr_cli.errors import AprError
 from apr_cli.fsutil import follow_umask
 from apr_cli.model.config import PRESETS, ModelConfig
+from apr_cli.model.gguf import find_gguf, load_gguf
 from apr_cli.model.qwen2 import Qwen2ForCausalLM, build_model, count_parameters
 
 CONFIG = "config.json"
 WEIGHTS = "model.safetensors"
 INDEX = "model.safetensors.index.json"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+LAYER_NAME = re.compile(r"^model\.layers\.(\d+)\.")
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 SAFETENSORS_DTYPES = {
     "F32": torch.float32,
@@ -45,15 +47,29 @@ def load_model(
     device: str | torch.device = "cpu",
     seed: int = 0,
 ) -> tuple[Qwen2ForCausalLM, dict[str, Any]]:
-    """A model from a local folder, a preset name or a cached hub id, and its description."""
+    """A model from a local folder, a GGUF file (or a folder holding one), a preset name or a
+    cached hub id, and its description.
+
+    On the `meta` device every check runs but no weight is read or made: shapes for a plan.
+    """
     path = Path(spec).expanduser()
+    gguf_file = find_gguf(path)
+    if gguf_file is not None:
+        model = load_gguf(gguf_file, dtype=dtype, device=device)
+        return model, describe(model, spec, "gguf", gguf_file)
     if path.is_dir():
         kind, folder = "local", path
     elif spec in PRESETS:
-        model = build_model(PRESETS[spec], seed).to(device=device, dtype=dtype or torch.float32)
+        if torch.device(device).type == "meta":
+            with torch.device("meta"):
+                model = Qwen2ForCausalLM(PRESETS[spec]).to(dtype or torch.float32)
+        else:
+            model = build_model(PRESETS[spec], seed).to(device=device, dtype=dtype or torch.float32)
         return model, describe(model, spec, "preset", None)
     elif path.exists():
-        raise AprError(f"model {spec}: is a file; pass the folder holding {CONFIG}")
+        raise AprError(
+            f"model {spec}: is a file; pass the folder holding {CONFIG}, or a .gguf file"
+        )
     elif HUB_ID.match(spec):
         kind, folder = "hub", hub_snapshot(spec)
     else:
@@ -126,9 +142,11 @@ def weight_files(folder: Path) -> list[Path]:
     if index.is_file():
         try:
             weight_map = json.loads(index.read_text())["weight_map"]
-            shards = sorted(set(weight_map.values()))
         except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as e:
             raise AprError(f"{index}: not a valid safetensors index ({e})") from None
+        if not isinstance(weight_map, dict):
+            raise AprError(f"{index}: weight_map must be an object of tensor name -> file")
+        shards = sorted({resolve_shard_path(index, name) for name in weight_map.values()})
         missing = [s for s in shards if not (folder / s).is_file()]
         if missing:
             raise AprError(
@@ -147,6 +165,18 @@ def weight_files(folder: Path) -> list[Path]:
     raise AprError(f"{folder}: no {WEIGHTS} or {INDEX}")
 
 
+def resolve_shard_path(index: Path, name: Any) -> str:
+    """A weight_map file name, confined to the index's folder (no absolute path, no `..`).
+
+    Lexical on purpose: the hub cache's shard files are symlinks into its blob store.
+    """
+    if not isinstance(name, str) or not name:
+        raise AprError(f"{index}: weight_map entry {name!r} is not a file name")
+    if PurePosixPath(name).is_absolute() or ".." in PurePosixPath(name).parts:
+        raise AprError(f"{index}: weight_map entry {name!r} is outside the model folder")
+    return name
+
+
 def read_headers(files: list[Path]) -> dict[str, tuple[Path, list[int], str]]:
     """Every tensor name in the files, with its file, shape and safetensors dtype."""
     found: dict[str, tuple[Path, list[int], str]] = {}
@@ -161,12 +191,34 @@ def read_headers(files: list[Path]) -> dict[str, tuple[Path, list[int], str]]:
     return found
 
 
+def check_header_sizes(
+    cfg: ModelConfig, found: dict[str, tuple[Path, list[int], str]], folder: Path
+) -> None:
+    """The config's sizes against the file headers, before a model of that size is built.
+
+    A config.json claiming a billion layers must fail here, not while building them.
+    """
+    layers = {int(m[1]) for m in map(LAYER_NAME.match, found) if m}
+    if cfg.num_hidden_layers > len(layers):
+        raise AprError(
+            f"{folder / CONFIG}: num_hidden_layers {cfg.num_hidden_layers}, but the weights "
+            f"hold {len(layers)} layers"
+        )
+    embed = found.get("model.embed_tokens.weight")
+    if embed is not None and embed[1] != [cfg.vocab_size, cfg.hidden_size]:
+        raise AprError(
+            f"{folder / CONFIG}: vocab_size x hidden_size is {cfg.vocab_size} x "
+            f"{cfg.hidden_size}, but {embed[0]} holds model.embed_tokens.weight of {embed[1]}"
+        )
+
+
 def load_checkpoint(
     folder: Path, *, dtype: torch.dtype | None = None, device: str | torch.device = "cpu"
 ) -> Qwen2ForCausalLM:
     """A model from a Hugging Face folder, every tensor name and shape checked first."""
     cfg = read_config(folder)
     found = read_headers(weight_files(folder))
+    check_header_sizes(cfg, found, folder)
     with torch.device("meta"):
         model = Qwen2ForCausalLM(cfg)
     expected = {k: list(v.shape) for k, v in model.state_dict().items()}
@@ -195,9 +247,11 @@ def load_checkpoint(
             raise AprError(f"{folder}: weights are {file_dtype}; pass a float dtype to load them")
         dtype = SAFETENSORS_DTYPES[file_dtype]
 
+    device = torch.device(device)
+    if device.type == "meta":
+        return model.to(dtype)
     # Tensor by tensor, straight into the target dtype and device: the only full copy in memory
     # is the model itself.
-    device = torch.device(device)
     state: dict[str, torch.Tensor] = {}
     by_file: dict[Path, list[str]] = {}
     for name in expected:
@@ -254,6 +308,12 @@ def save_model(
             total = sum(t.numel() * t.element_size() for t in tensors.values())
             index = {"metadata": {"total_size": total}, "weight_map": weight_map}
             (tmp / INDEX).write_text(json.dumps(index, indent=2) + "\n")
+    except SafetensorError as e:  # it reports the OS's error only in its message
+        shutil.rmtree(tmp, ignore_errors=True)
+        code = re.search(r"os error (\d+)", str(e))
+        if code is None:
+            raise AprError(f"{out}: could not be written ({e})") from None
+        raise OSError(int(code[1]), os.strerror(int(code[1])), str(out)) from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -304,7 +364,11 @@ def check_layers(layers: list[int], num_layers: int, source: str) -> None:
 def init_student_from_teacher(teacher: Qwen2ForCausalLM, layers: list[int]) -> Qwen2ForCausalLM:
     """A student that keeps `layers` of the teacher and copies its embeddings, norm and head."""
     check_layers(layers, teacher.config.num_hidden_layers, "teacher-layers")
-    cfg = teacher.config.with_(num_hidden_layers=len(layers))
+    t = teacher.config
+    # Each kept layer stays dense or sparse as it was: the student lists its dense layers.
+    dense = tuple(i for i, layer in enumerate(layers) if not t.is_sparse(layer))
+    sparse_layout = {"decoder_sparse_step": 1, "mlp_only_layers": dense} if t.arch.moe else {}
+    cfg = t.with_(num_hidden_layers=len(layers), **sparse_layout)
     src = teacher.state_dict()
     state = {}
     for name in src:

@@ -1,4 +1,8 @@
-"""A Qwen2-family causal LM in plain PyTorch, with parameter names matching Hugging Face's."""
+"""The Qwen2 family as one causal LM in plain PyTorch, parameter names matching Hugging Face's.
+
+Qwen2, Llama, Qwen3 and Qwen3-MoE share this block; what differs is data in the config's
+`Architecture` (q/k/v biases, q/k norms, dense or routed MLPs), not copies of the code.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from apr_cli.model.config import ModelConfig
+from apr_cli.model.mlp import MLP, RouterStats, SparseMoE
 
 
 class RMSNorm(nn.Module):
@@ -39,13 +44,19 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.head_dim, bias=bias)
         self.v_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.head_dim, bias=bias)
         self.o_proj = nn.Linear(self.n_head * self.head_dim, cfg.hidden_size, bias=False)
+        qk_norm = cfg.arch.qk_norm
+        self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps) if qk_norm else None
+        self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps) if qk_norm else None
 
     def forward(
         self, x, cos, signed_sin, cache: KVCache | None = None, start=0, layer=0, mask=None
     ):
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, nh, T, hd)
-        k = self.k_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
+        q = self.q_proj(x).view(B, T, self.n_head, self.head_dim)  # (B, T, nh, hd)
+        k = self.k_proj(x).view(B, T, self.n_kv, self.head_dim)  # (B, T, nkv, hd)
+        if self.q_norm is not None:  # Qwen3: each head's q and k normalised before RoPE
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)  # (B, nh, T, hd), (B, nkv, T, hd)
         v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, signed_sin), apply_rope(k, cos, signed_sin)
         causal = mask is None
@@ -62,29 +73,18 @@ class Attention(nn.Module):
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
 
 
-class MLP(nn.Module):
-    def __init__(self, cfg: ModelConfig):
-        super().__init__()
-        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
-
-    def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
-
-
 class Block(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, mlp: MLP | SparseMoE):
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.self_attn = Attention(cfg)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.mlp = MLP(cfg)
+        self.mlp = mlp
 
-    def forward(self, x, cos, signed_sin, cache=None, start=0, layer=0, mask=None):
-        h = self.self_attn(self.input_layernorm(x), cos, signed_sin, cache, start, layer, mask)
-        x = x + h
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(self, x, cos, signed_sin, cache=None, start=0, layer=0, mask=None, router=None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, signed_sin, cache, start, layer, mask)
+        h = self.post_attention_layernorm(x)
+        return x + (self.mlp(h, router) if isinstance(self.mlp, SparseMoE) else self.mlp(h))
 
 
 class Backbone(nn.Module):
@@ -93,11 +93,19 @@ class Backbone(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.num_hidden_layers))
+        self.layers = nn.ModuleList(
+            Block(
+                cfg,
+                SparseMoE(cfg) if cfg.is_sparse(i) else MLP(cfg.hidden_size, cfg.intermediate_size),
+            )
+            for i in range(cfg.num_hidden_layers)
+        )
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
 
 class Qwen2ForCausalLM(nn.Module):
+    """Any architecture of the family (cfg.architecture): Qwen2, Llama, Qwen3, Qwen3-MoE."""
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.config = cfg
@@ -146,13 +154,15 @@ class Qwen2ForCausalLM(nn.Module):
         cache: KVCache | None = None,
         positions: torch.Tensor | None = None,
         mask: torch.Tensor | None = None,
+        router: RouterStats | None = None,
     ) -> torch.Tensor:
         """Final-norm hidden states (B, T, hidden) of cache slots start..start+T-1.
 
         With a cache, keys and values of earlier slots come from it and this call's are stored
         in it; without one, attention sees only these T positions. A batch of left-padded rows
         (batched generation) gives each row's RoPE `positions` (B, T) and the attention `mask`
-        (B, 1, T, start+T), True where a query may see a key; both need the cache.
+        (B, 1, T, start+T), True where a query may see a key; both need the cache. With
+        `router`, the sparse layers add their routing statistics to it (load-balancing loss).
         """
         x = self.model.embed_tokens(input_ids)  # (B, T, C)
         T = input_ids.shape[1]
@@ -163,7 +173,7 @@ class Qwen2ForCausalLM(nn.Module):
         else:
             cos, signed_sin = self.rope(start, T, x.dtype, x.device)
         for i, block in enumerate(self.model.layers):
-            x = block(x, cos, signed_sin, cache, start, i, mask)  # i: the block's cache slot
+            x = block(x, cos, signed_sin, cache, start, i, mask, router)  # i: its cache slot
         return self.model.norm(x)
 
     def forward(
