@@ -205,7 +205,7 @@ def test_progress_bar_redraws_show_no_markup_tags():
     with ProgressBar(console, "distill [x]", 3) as bar:
         for step in range(1, 4):
             emit(f"step {step}/3 loss=[1.0]")
-            bar.advance()
+            bar.update(step)
     out = console.file.getvalue()
     assert "step 3/3 loss=[1.0]" in out and "distill [x]" in out and "3/3" in out
     assert "[progress" not in out

@@ -30,7 +30,7 @@ def _description() -> TextColumn:
 class ProgressBar:
     """A bar for one phase of `total` units: done of total, elapsed and remaining time.
 
-    It appears at the first `update` or `advance`, so a phase whose total is learnt only after
+    It appears at the first `update`, so a phase whose total is learnt only after
     its input was checked (`update(0, total)`) shows nothing before, and a refused input stays
     one error line. Does nothing when not `enabled`.
     """
@@ -51,7 +51,7 @@ class ProgressBar:
             if enabled
             else None
         )
-        self.description, self.total, self.done = description, total, 0
+        self.description, self.total = description, total
         self.task: TaskID | None = None
 
     def __enter__(self) -> ProgressBar:
@@ -63,17 +63,13 @@ class ProgressBar:
 
     def update(self, done: int, total: int | None = None) -> None:
         """`done` units of `total` (or of the total given before) are finished."""
-        self.done, self.total = done, total or self.total
+        self.total = total or self.total
         if self.progress is None:
             return
         if self.task is None:
             self.progress.start()
             self.task = self.progress.add_task(self.description, total=self.total)
         self.progress.update(self.task, completed=done, total=self.total)
-
-    def advance(self) -> None:
-        """One more unit is finished."""
-        self.update(self.done + 1)
 
 
 @contextlib.contextmanager

@@ -67,7 +67,7 @@ def run_training(
             state = None
         with ProgressBar(lines, name, prepared.options.train.steps, for_terminal) as bar:
             manifest = run_lib.train_run(
-                prepared, run, manifest, state=state, emit=emit, on_progress=bar.advance
+                prepared, run, manifest, state=state, emit=emit, on_progress=bar.update
             )
     if flags.json_output:
         typer.echo(json.dumps(manifest, indent=2))

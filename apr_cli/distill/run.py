@@ -195,7 +195,7 @@ def train_run(
     *,
     state: dict[str, Any] | None = None,
     emit: Emit = print,
-    on_progress: Callable[[], None] | None = None,
+    on_progress: Callable[[int, int], None] | None = None,
 ) -> dict[str, Any]:
     """Train to the last step (from checkpoint `state` on resume), save, finalize the manifest."""
     emit = main_only(emit, p)
