@@ -12,6 +12,7 @@
 #   EVIDENCE=DIR     also copy the small files (manifests, logs, evals, table) there
 #   TEMPERATURE, ALPHA   the KD settings (default 1.0 and 0.9)
 #   APR, PYTHON      the apr command and the Python that finds the standard library
+#   PLAN_ONLY=1      print the plan (what runs, how many steps, rough time) and stop
 # apr lets idle OpenMP threads sleep (OMP_WAIT_POLICY=PASSIVE), so a machine shared with other
 # jobs does not stall the runs; the runs in evidence/kd-vs-ce used OMP_NUM_THREADS=1 instead.
 set -euo pipefail
@@ -41,10 +42,12 @@ case ${SIZE:-full} in
     full)
         seq_len=128 batch=16 teacher_steps=1500 teacher_lr=2e-3
         student_steps=400 student_lr=8e-4 eval_windows=0 val_fraction=0.05
+        teacher_s=550 seed_s=110 # measured on an idle 2-core CPU (evidence/kd-vs-ce)
         ;;
     tiny)
         seq_len=32 batch=4 teacher_steps=30 teacher_lr=3e-3
         student_steps=12 student_lr=3e-3 eval_windows=16 val_fraction=0.25
+        teacher_s=10 seed_s=20 # mostly starting apr (importing torch) 5 times
         ;;
     *)
         echo "error: SIZE must be full or tiny, got ${SIZE}" >&2
@@ -56,7 +59,6 @@ temperature=${TEMPERATURE:-1.0}
 alpha=${ALPHA:-0.9}
 
 corpus=${CORPUS:-$("$python" -c 'import sysconfig; print(sysconfig.get_paths()["stdlib"])')}
-mkdir -p "$out"
 start=$SECONDS
 
 # The library's .py files without site-packages and test suites, in a fixed order keyed by a
@@ -79,15 +81,25 @@ if [[ ${#files[@]} -eq 0 ]]; then
     exit 2
 fi
 
-# The plan and each phase go to stderr (stdout is the table): a full run takes about an hour.
+# The plan and each phase go to stderr (stdout is the table).
 data=$out/data
 say() { echo "kd-vs-ce: $*" >&2; }
+# Rough time on an idle 2-core CPU: BPE and shards at ~40 s for the standard library's 12 MB.
+shards_s=0
+if [[ ! -f $data/val/meta.json ]]; then
+    shards_s=$(($(cat "${files[@]}" | wc -c) * 40 / 12000000))
+fi
+total_s=$((shards_s + teacher_s + ${#seeds[@]} * seed_s))
 say "plan (SIZE=${SIZE:-full}): ${#files[@]} .py files from ${corpus}, seeds ${seeds[*]}"
 say "  1. shards in ${data}: BPE vocab ${vocab}, ${val_fraction} held out (kept if built)"
 say "  2. teacher: apr train tiny-teacher, ${teacher_steps} steps of ${batch} x ${seq_len}, evaluated"
 say "  3. per seed: apr distill (T=${temperature}, alpha=${alpha}) and apr train,"
 say "     ${student_steps} steps each, both evaluated"
 say "  4. the table of validation losses"
+say "  rough time on an idle 2-core CPU: $(((total_s + 59) / 60)) min (shards ${shards_s} s," \
+    "teacher ${teacher_s} s, ${seed_s} s per seed)"
+[[ ${PLAN_ONLY:-} == 1 ]] && exit 0
+mkdir -p "$out"
 
 # A file is wholly in train or in val (the builder splits by document).
 say "1. shards"

@@ -289,10 +289,8 @@ def test_sigint_to_a_detached_run_marks_it_interrupted(remote):
     assert f"kill -INT -- -{pid}" in out.stdout
     try:
         deadline = time.monotonic() + 120
-        # A line that starts with "step " (the warm-up's "teacher warm-up: step 1/5" does not).
-        while not any(
-            line.startswith("step ") for line in (run_dir / "launch.log").read_text().splitlines()
-        ):
+        # A distillation step line, not a warm-up line ("teacher warm-up: step 1/5 ...").
+        while not re.search(r"^step ", (run_dir / "launch.log").read_text(), re.M):
             assert time.monotonic() < deadline, "the run never reached its first step"
             time.sleep(0.5)
         os.killpg(pid, signal.SIGINT)

@@ -134,11 +134,9 @@ def test_disk_full_writing_the_student_marks_the_run_failed(tmp_path, small_disk
     )
     p = prepare(options)
     run, manifest = run_lib.start(p, small_disk / "run", emit=lambda line: None)
-    steps_done = []
 
-    def after_step():  # after the last step: room for the final checkpoint, none for the student
-        steps_done.append(1)
-        if len(steps_done) == 3:
+    def after_step(step, steps):  # after the last: room for the final checkpoint, not the student
+        if step == steps:
             (checkpoint,) = list_checkpoints(run.path)
             fill(small_disk, leave=checkpoint.stat().st_size + 32 * 1024)
 

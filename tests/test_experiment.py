@@ -168,6 +168,33 @@ STDLIB_MODULES = ["json", "textwrap.py", "string.py", "shlex.py", "glob.py", "fn
                   "bisect.py", "heapq.py", "base64.py", "csv.py", "abc.py", "copy.py"]  # fmt: skip
 
 
+@pytest.mark.parametrize("size, steps", [("full", "1500"), ("tiny", "30")])
+def test_experiment_script_prints_its_plan_first(tmp_path, size, steps):
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / "a.py").write_text("x = 1\n" * 300_000)  # 1.8 MB: ~6 s of shards at 40 s/12 MB
+    env = {**os.environ, "SIZE": size, "CORPUS": str(corpus), "PLAN_ONLY": "1"}
+    out = tmp_path / "out"
+    proc = subprocess.run(
+        ["bash", ROOT / "scripts" / "kd-vs-ce.sh", out, "3", "4"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 0, proc.stderr
+    plan = proc.stderr.splitlines()
+    assert plan[0] == f"kd-vs-ce: plan (SIZE={size}): 1 .py files from {corpus}, seeds 3 4"
+    assert f"apr train tiny-teacher, {steps} steps of" in plan[2]
+    teacher_s, seed_s = {"full": (550, 110), "tiny": (10, 20)}[size]
+    minutes = -(-(6 + teacher_s + 2 * seed_s) // 60)
+    assert plan[-1] == (
+        f"kd-vs-ce:   rough time on an idle 2-core CPU: {minutes} min (shards 6 s, "
+        f"teacher {teacher_s} s, {seed_s} s per seed)"
+    )
+    assert proc.stdout == "" and not out.exists()  # only the plan: nothing run or written
+
+
 @pytest.mark.slow
 def test_experiment_script_end_to_end(tmp_path):
     """scripts/kd-vs-ce.sh at SIZE=tiny on a few stdlib modules: every step and the table."""
@@ -198,7 +225,8 @@ def test_experiment_script_end_to_end(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     phases = [line for line in proc.stderr.splitlines() if line.startswith("kd-vs-ce: ")]
     assert phases[0].startswith("kd-vs-ce: plan (SIZE=tiny)") and "seeds 7" in phases[0]
-    assert [p.split()[1] for p in phases[6:]] == ["1.", "2.", "3.", "4."]
+    assert phases[6].startswith("kd-vs-ce:   rough time on an idle 2-core CPU: ")
+    assert [p.split()[1] for p in phases[7:]] == ["1.", "2.", "3.", "4."]
     meta = json.loads((out / "data" / "val" / "meta.json").read_text())
     train_meta = json.loads((out / "data" / "train" / "meta.json").read_text())
     assert meta["tokenizer_source"].startswith("byte-level BPE") and meta["vocab_size"] <= 512

@@ -19,7 +19,8 @@ from typer.testing import CliRunner
 
 import apr_cli
 from apr_cli.cli import app
-from apr_cli.commands.training import ProgressBar, line_printer
+from apr_cli.commands.progress import ProgressBar, spinner
+from apr_cli.commands.training import line_printer
 from apr_cli.data.build import build_shards, collect_inputs
 from apr_cli.data.shards import ShardBatchSource
 from apr_cli.distill.rundir import RunDirectory, default_run_dir
@@ -194,16 +195,44 @@ def test_negative_threads_are_refused(tmp_path):
     assert not (tmp_path / "r").exists()
 
 
+def terminal() -> Console:
+    return Console(file=io.StringIO(), force_terminal=True, width=100)
+
+
 def test_progress_bar_redraws_show_no_markup_tags():
-    console = Console(file=io.StringIO(), force_terminal=True, width=100)
+    console = terminal()
     emit = line_printer(console)
-    with ProgressBar(console, 3, True, "distill") as advance:
+    with ProgressBar(console, "distill [x]", 3) as bar:
         for step in range(1, 4):
             emit(f"step {step}/3 loss=[1.0]")
-            advance()
+            bar.update(step)
     out = console.file.getvalue()
-    assert "step 3/3 loss=[1.0]" in out and "distill" in out
+    assert "step 3/3 loss=[1.0]" in out and "distill [x]" in out and "3/3" in out
     assert "[progress" not in out
+
+
+def test_progress_bar_appears_once_its_total_is_known_and_only_on_a_terminal():
+    console = terminal()
+    with ProgressBar(console, "eval") as bar:
+        assert console.file.getvalue() == ""  # nothing before the first update
+        bar.update(0, 40)
+        bar.update(40)
+    assert "eval" in console.file.getvalue() and "40/40" in console.file.getvalue()
+    captured = Console(file=io.StringIO())
+    with ProgressBar(captured, "eval", enabled=False) as bar:
+        bar.update(0, 40)
+    assert captured.file.getvalue() == ""
+
+
+def test_spinner_shows_the_elapsed_time_on_a_terminal_only():
+    console = terminal()
+    with spinner(console, "generate: compiling"):
+        pass
+    assert "generate: compiling" in console.file.getvalue() and "0:00:00" in console.file.getvalue()
+    captured = Console(file=io.StringIO())
+    with spinner(captured, "generate: compiling", enabled=False):
+        pass
+    assert captured.file.getvalue() == ""
 
 
 def test_train_output_has_no_kd_column_and_names_the_model(tmp_path):
@@ -281,6 +310,39 @@ def test_teacher_warmup_says_it_started_and_how_far_it_got(tmp_path):
     assert warm[0].startswith("teacher warm-up: training the untrained preset teacher for 20")
     assert [w.split()[3] for w in warm[1:-1]] == [f"{s}/20" for s in range(2, 21, 2)]
     assert warm[-1].startswith("teacher warm-up: 20 CE steps on the batch source, loss ")
+
+
+def test_teacher_warmup_reports_every_step_for_a_terminal_bar(tmp_path):
+    from apr_cli.distill import run as run_lib
+    from apr_cli.distill.options import DistillOptions, TrainConfig
+    from apr_cli.distill.prepare import prepare
+
+    train = TrainConfig(steps=1, seq_len=8, batch_size=2)
+    prepared = prepare(DistillOptions(train=train, teacher_warmup=6))
+    seen = []
+    follow = lambda step, steps: seen.append((step, steps))  # noqa: E731
+    run, _ = run_lib.start(prepared, tmp_path / "r", emit=lambda line: None, on_warmup=follow)
+    run.unlock()
+    assert seen == [(s, 6) for s in range(1, 7)]
+
+
+def test_eval_says_what_it_scores_once_the_input_is_checked(tmp_path):
+    (np.arange(400, dtype="<u4") % 512).astype("<u4").tofile(tmp_path / "a.bin")
+    args = ["eval", "tiny-student", "--dataset", str(tmp_path), "--seq-len", "8"]
+    result = CliRunner().invoke(app, [*args, "--windows", "4", "--json"])
+    assert result.exit_code == 0, result.output
+    assert result.stderr == f"eval: scoring 4 windows of 8 tokens of {tmp_path} with tiny-student\n"
+    assert json.loads(result.stdout)["windows"] == 4
+    refused = CliRunner().invoke(app, [*args, "--windows", "4", "--batch-size", "0"])
+    assert refused.exit_code == 2 and refused.stderr.count("\n") == 1
+    assert refused.stderr.startswith("error: --batch-size")
+
+
+def test_generate_compile_refuses_bad_input_before_its_start_line():
+    args = ["generate", "tiny-student", "--prompt-ids", "5", "--compile", "--top-p", "0"]
+    refused = CliRunner().invoke(app, args)
+    assert refused.exit_code == 2 and refused.stderr.startswith("error: --top-p")
+    assert refused.stderr.count("\n") == 1
 
 
 @pytest.mark.parametrize(

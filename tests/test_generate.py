@@ -127,6 +127,9 @@ def test_cli_prints_the_new_ids(model, saved, extra):
     assert result.exit_code == 0, result.output
     expected = generate(model, torch.tensor([[5, 17, 42]]), 10)[0].tolist()
     assert result.stdout == "new token ids: " + " ".join(map(str, expected)) + "\n"
+    # Compiling takes a while: a start line says so when no terminal shows the spinner.
+    compiling = "generate: compiling the forward passes (the first calls wait)\n"
+    assert result.stderr == (compiling if extra else "")
 
 
 def test_cli_json_sampling_is_seeded(saved):

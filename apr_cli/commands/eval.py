@@ -9,9 +9,11 @@ from typing import Annotated
 import typer
 from rich.console import Console
 from rich.markup import escape
+from rich.text import Text
 
-from apr_cli.commands.common import user_errors
+from apr_cli.commands.common import stderr, user_errors
 from apr_cli.commands.options import DATA, DEVICE_HELP, OUTPUT, RUNTIME, SeqLen, flag
+from apr_cli.commands.progress import ProgressBar
 from apr_cli.distill.options import DEFAULT_WINDOWS, TrainConfig
 
 stdout = Console(highlight=False, soft_wrap=True)
@@ -55,7 +57,15 @@ def eval_model(
     """Mean next-token loss (nats per token) and perplexity over fixed, deterministic windows."""
     from apr_cli.distill.evaluate import evaluate_model  # torch: only when the command runs
 
-    with user_errors():
+    bar = ProgressBar(stderr, "eval", enabled=stderr.is_terminal)
+
+    def progress(done: int, total: int) -> None:
+        if done == 0:  # checked and about to start; on stderr, as stdout may be JSON
+            start = f"eval: scoring {total:,} windows of {seq_len} tokens of {dataset} with {model}"
+            stderr.print(Text(start))
+        bar.update(done, total)
+
+    with user_errors(), bar:
         report = evaluate_model(
             model,
             dataset,
@@ -63,6 +73,7 @@ def eval_model(
             windows=windows,
             batch_size=batch_size,
             device=device,
+            on_progress=progress,
         )
     if json_output:
         typer.echo(json.dumps(report, indent=2))

@@ -8,8 +8,9 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from apr_cli.commands.common import user_errors
+from apr_cli.commands.common import stderr, user_errors
 from apr_cli.commands.options import RUNTIME, flag
+from apr_cli.commands.progress import spinner
 from apr_cli.errors import AprError
 
 if TYPE_CHECKING:
@@ -118,6 +119,7 @@ def generate(
     import torch
 
     from apr_cli.distill.backend import resolve_device
+    from apr_cli.model.generate import check_request
     from apr_cli.model.generate import generate as generate_tokens
 
     with user_errors():
@@ -136,15 +138,22 @@ def generate(
         else:
             ids = parse_ids(prompt_ids)
         gen = torch.Generator(device=dev).manual_seed(seed)
-        new = generate_tokens(
-            net,
-            torch.tensor([ids], device=dev),
-            max_new_tokens,
-            temperature=temperature,
-            top_p=top_p,
-            generator=gen,
-            compile=compile_model,
-        )[0].tolist()
+        prompt_tensor = torch.tensor([ids], device=dev)  # (1, T)
+        if compile_model:
+            # Checked before the start line, so refused input stays one error line.
+            check_request(net, prompt_tensor, len(ids), max_new_tokens, temperature, top_p)
+            stderr.print("generate: compiling the forward passes (the first calls wait)")
+        compiling = "generate: compiling and generating"
+        with spinner(stderr, compiling, enabled=compile_model and stderr.is_terminal):
+            new = generate_tokens(
+                net,
+                prompt_tensor,
+                max_new_tokens,
+                temperature=temperature,
+                top_p=top_p,
+                generator=gen,
+                compile=compile_model,
+            )[0].tolist()
         text = tok.decode(new) if tok is not None else None
 
     if as_json:

@@ -12,10 +12,10 @@ from typing import Annotated, Any
 import typer
 from rich.console import Console
 from rich.markup import escape
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from apr_cli.commands.common import stderr, user_errors
 from apr_cli.commands.options import DATA, MODELS, OUTPUT, Device
+from apr_cli.commands.progress import ProgressBar
 
 app = typer.Typer(
     help="Run a teacher once over a dataset and store its outputs for many distill runs.",
@@ -131,14 +131,9 @@ def _progress() -> Iterator[Callable[[int, int, int, bool], None]]:
 
         yield line
         return
-    columns = (TextColumn("teacher cache"), BarColumn(), MofNCompleteColumn())
-    with Progress(*columns, TimeRemainingColumn(), console=stderr, transient=True) as bar:
-        task = bar.add_task("shards", total=None)
-
-        def advance(done: int, total: int, shard: int, skipped: bool) -> None:
-            bar.update(task, completed=done, total=total)
-
-        yield advance
+    with ProgressBar(stderr, "teacher cache") as bar:
+        bar.update(0)  # shown from the start: the first shard may take minutes
+        yield lambda done, total, shard, skipped: bar.update(done, total)
 
 
 @app.command()

@@ -11,10 +11,10 @@ from typing import Any
 
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
 from rich.text import Text
 
 from apr_cli.commands.common import user_errors
+from apr_cli.commands.progress import ProgressBar
 from apr_cli.distill.options import DistillOptions
 
 
@@ -46,6 +46,8 @@ def run_training(
         file=sys.stderr if flags.json_output else sys.stdout, highlight=False, soft_wrap=True
     )
     emit = line_printer(lines)
+    # Bars only on a terminal; elsewhere the step lines (and warm-up lines) show progress.
+    for_terminal = lines.is_terminal and not flags.json_output
 
     with user_errors():
         if flags.resume is not None:
@@ -59,12 +61,14 @@ def run_training(
                     render_plan(plan(prepared), flags.json_output, lines)
                 return
             out = flags.out or default_run_dir(name, claim=prepared.backend.is_main)
-            run, manifest = run_lib.start(prepared, out, overwrite=flags.overwrite, emit=emit)
+            with ProgressBar(lines, "teacher warm-up", enabled=for_terminal) as warmup:
+                run, manifest = run_lib.start(
+                    prepared, out, overwrite=flags.overwrite, emit=emit, on_warmup=warmup.update
+                )
             state = None
-        for_terminal = lines.is_terminal and not flags.json_output
-        with ProgressBar(lines, prepared.options.train.steps, for_terminal, name) as advance:
+        with ProgressBar(lines, name, prepared.options.train.steps, for_terminal) as bar:
             manifest = run_lib.train_run(
-                prepared, run, manifest, state=state, emit=emit, on_progress=advance
+                prepared, run, manifest, state=state, emit=emit, on_progress=bar.update
             )
     if flags.json_output:
         typer.echo(json.dumps(manifest, indent=2))
@@ -139,33 +143,3 @@ def describe_model(role: str, info: dict | None) -> str:
     return (
         f"{role}: {info['spec']} ({info['kind']}, {info['parameters']:,} params, {info['dtype']})"
     )
-
-
-class ProgressBar:
-    """A rich progress bar on a terminal; nothing elsewhere. Yields the advance callback."""
-
-    def __init__(self, console: Console, total: int, enabled: bool, description: str):
-        self.progress = (
-            Progress(
-                "[progress.description]{task.description}",
-                BarColumn(),
-                MofNCompleteColumn(),
-                TimeRemainingColumn(),
-                console=console,
-                transient=True,
-            )
-            if enabled
-            else None
-        )
-        self.total, self.description = total, description
-
-    def __enter__(self):
-        if self.progress is None:
-            return None
-        self.progress.start()
-        task = self.progress.add_task(self.description, total=self.total)
-        return lambda: self.progress.advance(task)
-
-    def __exit__(self, *exc):
-        if self.progress is not None:
-            self.progress.stop()

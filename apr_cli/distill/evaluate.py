@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,8 @@ from apr_cli.distill.options import DEFAULT_WINDOWS
 from apr_cli.errors import AprError
 from apr_cli.model.checkpoint import load_model
 from apr_cli.model.qwen2 import Qwen2ForCausalLM
+
+Progress = Callable[[int, int], None]  # (windows done, windows in all)
 
 
 @dataclass(frozen=True)
@@ -99,13 +102,17 @@ def score_windows(
     backend: Backend,
     teacher: Qwen2ForCausalLM | None = None,
     teacher_loss: bool = False,
+    on_progress: Progress | None = None,
 ) -> WindowScores:
     """Score windows `picks` of `source` in batches of `batch_size`; no state is changed.
 
     The data position, the RNG and the models' modes are left as they were, so scoring in the
-    middle of training does not change what training does next.
+    middle of training does not change what training does next. `on_progress(done, total)`
+    hears of 0 windows scored first, then of each batch.
     """
     sums, tokens = torch.zeros(4, dtype=torch.float64, device=backend.device), 0
+    if on_progress is not None:
+        on_progress(0, len(picks))
     with torch.no_grad(), backend.autocast():
         for first in range(0, len(picks), batch_size):
             rows = np.stack([source.window(k, seq_len) for k in picks[first : first + batch_size]])
@@ -125,6 +132,8 @@ def score_windows(
                 teacher_loss=teacher_loss,
             )
             tokens += labels.numel()
+            if on_progress is not None:
+                on_progress(min(first + batch_size, len(picks)), len(picks))
     ce, kl, agree, t_ce = (s / tokens for s in sums.tolist())
     if teacher is None:
         return WindowScores(loss=ce, tokens=tokens)
@@ -145,6 +154,7 @@ def evaluate(
     windows: int = DEFAULT_WINDOWS,
     batch_size: int = 16,
     backend: Backend | None = None,
+    on_progress: Progress | None = None,
 ) -> Evaluation:
     """Mean CE over every label of the chosen windows (`window_indices`), in batches.
 
@@ -156,7 +166,13 @@ def evaluate(
     picks = window_indices(source.check_seq_len(seq_len), windows)
     model.eval()
     scores = score_windows(
-        model, source, picks, seq_len=seq_len, batch_size=batch_size, backend=backend
+        model,
+        source,
+        picks,
+        seq_len=seq_len,
+        batch_size=batch_size,
+        backend=backend,
+        on_progress=on_progress,
     )
     return Evaluation(
         loss=scores.loss,
@@ -176,8 +192,12 @@ def evaluate_model(
     windows: int = DEFAULT_WINDOWS,
     batch_size: int = 16,
     device: str = "auto",
+    on_progress: Progress | None = None,
 ) -> dict[str, Any]:
-    """Load a model and a dataset (ids checked against the model's vocab) and evaluate."""
+    """Load a model and a dataset (ids checked against the model's vocab) and evaluate.
+
+    `on_progress(done, total)` is first called once everything is checked (0 windows done).
+    """
     if seq_len < 1:
         raise AprError(f"--seq-len must be > 0, got {seq_len}")
     backend = select_backend(device)
@@ -187,7 +207,13 @@ def evaluate_model(
         raise AprError(f"--seq-len {seq_len} exceeds the model's context of {context}")
     source = ShardBatchSource(dataset, vocab_size=model.config.vocab_size)
     result = evaluate(
-        model, source, seq_len=seq_len, windows=windows, batch_size=batch_size, backend=backend
+        model,
+        source,
+        seq_len=seq_len,
+        windows=windows,
+        batch_size=batch_size,
+        backend=backend,
+        on_progress=on_progress,
     )
     return {
         "model": info,

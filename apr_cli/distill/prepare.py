@@ -350,17 +350,26 @@ def plan(p: Prepared) -> dict[str, Any]:
 
 
 class WarmupProgress:
-    """A line every tenth of the warm-up, so the phase is never silent for long."""
+    """A line every tenth of the warm-up, so the phase is never silent for long; every step
+    goes to `on_step(step, steps)` (a terminal's progress bar)."""
 
-    def __init__(self, emit: Callable[[str], None]):
-        self.emit = emit
+    def __init__(
+        self, emit: Callable[[str], None], on_step: Callable[[int, int], None] | None = None
+    ):
+        self.emit, self.on_progress = emit, on_step
 
     def on_step(self, m: StepMetrics) -> None:
+        if self.on_progress is not None:
+            self.on_progress(m.step, m.steps)
         if m.step % max(1, m.steps // 10) == 0:
             self.emit(f"teacher warm-up: step {m.step}/{m.steps} loss={m.loss:.4f}")
 
 
-def warm_up_teacher(p: Prepared, emit: Callable[[str], None]) -> dict[str, Any] | None:
+def warm_up_teacher(
+    p: Prepared,
+    emit: Callable[[str], None],
+    on_step: Callable[[int, int], None] | None = None,
+) -> dict[str, Any] | None:
     """Train a preset teacher with CE on the run's batches, then rewind the source."""
     steps = p.teacher_warmup
     if steps == 0:
@@ -381,7 +390,8 @@ def warm_up_teacher(p: Prepared, emit: Callable[[str], None]) -> dict[str, Any] 
         f"teacher warm-up: training the untrained preset teacher for {steps} CE steps first "
         "(--teacher-warmup 0 skips it)"
     )
-    result = Pipeline(p.teacher, None, warm_cfg, p.source, p.backend).train(WarmupProgress(emit))
+    warm_up = Pipeline(p.teacher, None, warm_cfg, p.source, p.backend)
+    result = warm_up.train(WarmupProgress(emit, on_step))
     if p.student_info["kind"] == "teacher-layers":  # the student starts from what it learned
         p.student = init_student_from_teacher(p.teacher, p.student_info["layers"]).float()
     p.teacher.to(p.backend.teacher_dtype)

@@ -33,7 +33,7 @@ class RunReporter:
         pipeline: Pipeline,
         options: DistillOptions,
         emit: Emit,
-        on_progress: Callable[[], None] | None,
+        on_progress: Callable[[int, int], None] | None,  # (step, steps) after each step
         watch: RunWatch,
     ):
         self.run, self.pipeline, self.options = run, pipeline, options
@@ -52,7 +52,7 @@ class RunReporter:
         if every and metrics.step % every == 0 and metrics.step < metrics.steps:
             self.checkpoint()
         if self.on_progress is not None:
-            self.on_progress()
+            self.on_progress(metrics.step, metrics.steps)
 
     def checkpoint(self) -> None:
         """Save the pipeline and how far the logs had got, so a resume can cut them back.

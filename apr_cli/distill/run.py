@@ -44,9 +44,17 @@ TEACHER_WARMED = "teacher-warmed.apr"
 
 
 def start(
-    p: Prepared, out: Path, *, overwrite: bool = False, emit: Emit = print
+    p: Prepared,
+    out: Path,
+    *,
+    overwrite: bool = False,
+    emit: Emit = print,
+    on_warmup: Callable[[int, int], None] | None = None,
 ) -> tuple[RunDirectory, dict[str, Any]]:
-    """Create (and lock) the run directory and its manifest, and warm up a preset teacher."""
+    """Create (and lock) the run directory and its manifest, and warm up a preset teacher.
+
+    `on_warmup(step, steps)` follows the warm-up.
+    """
     run = RunDirectory.create(out, overwrite=overwrite, writable=p.backend.is_main)
     emit = main_only(emit, p)
     manifest: dict[str, Any] = {
@@ -70,7 +78,7 @@ def start(
                 write_config(run.path / CONFIG_FILE, p.options)
             for line in (dataset_line(p.options), *p.warnings):
                 emit_and_log(line)
-            manifest["teacher_warmup"] = warm_up_teacher(p, emit_and_log)
+            manifest["teacher_warmup"] = warm_up_teacher(p, emit_and_log, on_warmup)
             if manifest["teacher_warmup"] is not None and run.writable:
                 # A resumed run must distill from this same teacher, not warm up a new one.
                 save_model(p.teacher, run.path / TEACHER_WARMED)
@@ -187,7 +195,7 @@ def train_run(
     *,
     state: dict[str, Any] | None = None,
     emit: Emit = print,
-    on_progress: Callable[[], None] | None = None,
+    on_progress: Callable[[int, int], None] | None = None,
 ) -> dict[str, Any]:
     """Train to the last step (from checkpoint `state` on resume), save, finalize the manifest."""
     emit = main_only(emit, p)
