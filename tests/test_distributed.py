@@ -151,6 +151,16 @@ def test_plan_under_torchrun_shows_the_per_rank_micro_batch():
     assert plan["micro_batch_size"] == 2  # 8 rows / (2 micro-batches x 2 ranks)
 
 
+def run_script(tmp_path, source, *args):
+    """`source` as a script under torchrun, 2 processes."""
+    script = tmp_path / "script.py"
+    script.write_text(source)
+    return subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+         str(script), *map(str, args)], capture_output=True, text=True, timeout=300, env=ENV,
+    )  # fmt: skip
+
+
 SHARDED_TEACHER = """
 import sys
 import torch
@@ -182,13 +192,7 @@ print("sharded at rest")
 def test_fsdp_teacher_stays_sharded_between_forwards(tmp_path):
     config = ModelConfig.from_name("tiny-teacher").with_(intermediate_size=701)
     save_model(build_model(config, seed=5), tmp_path / "teacher")
-    script = tmp_path / "sharded_teacher.py"
-    script.write_text(SHARDED_TEACHER)
-    proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-         str(script), str(tmp_path / "teacher")], capture_output=True, text=True, timeout=300,
-        env=ENV,
-    )  # fmt: skip
+    proc = run_script(tmp_path, SHARDED_TEACHER, tmp_path / "teacher")
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.count("sharded at rest") == 2
 
@@ -252,15 +256,38 @@ def test_fsdp_teacher_memory_per_rank_is_its_shard(tmp_path):
         num_hidden_layers=8,
     )  # fmt: skip
     save_model(build_model(config, seed=5), tmp_path / "teacher")  # 93 MiB of blocks, fp32
-    script = tmp_path / "teacher_memory.py"
-    script.write_text(TEACHER_MEMORY)
-    proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-         str(script), str(tmp_path / "teacher")], capture_output=True, text=True, timeout=300,
-        env=ENV,
-    )  # fmt: skip
+    proc = run_script(tmp_path, TEACHER_MEMORY, tmp_path / "teacher")
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.count("per rank:") == 2, proc.stdout
+
+
+CONVERTED_SHARDS = """
+import sys
+from pathlib import Path
+import torch
+import torch.distributed as dist
+from torch.distributed.tensor import DTensor
+from apr_cli.distill.parallel import load_local_shards
+from apr_cli.model.checkpoint import load_model
+
+dist.init_process_group("gloo")
+folder = Path(sys.argv[1])  # bf16 weights, read into an fp32 teacher
+sharded, _ = load_model(str(folder), dtype=torch.float32, device="meta")
+load_local_shards(sharded, folder, torch.device("cpu"))
+whole = dict(load_model(str(folder), dtype=torch.float32)[0].named_parameters())
+for name, p in sharded.named_parameters():
+    got = p.full_tensor() if isinstance(p, DTensor) else p
+    assert got.dtype == torch.float32 and torch.equal(got, whole[name]), name
+print("converted")
+"""
+
+
+def test_fsdp_teacher_shards_convert_the_checkpoint_dtype(tmp_path):
+    config = ModelConfig.from_name("tiny-teacher").with_(intermediate_size=701)
+    save_model(build_model(config, seed=3).to(torch.bfloat16), tmp_path / "teacher")
+    proc = run_script(tmp_path, CONVERTED_SHARDS, tmp_path / "teacher")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.count("converted") == 2
 
 
 def test_fsdp_gathers_bf16_weights_and_reduces_fp32_gradients_on_cuda():
