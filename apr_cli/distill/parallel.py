@@ -163,7 +163,7 @@ def load_local_shards(model: nn.Module, folder: Path, device: torch.device) -> N
 
     FSDP2 shards dim 0 as torch.chunk does: rank r holds rows r*c .. (r+1)*c, c = ceil(n/W).
     The rows are read with plain file reads, not through a memory map: every mapped page a rank
-    touches counts in its resident set (on CPU the load's peak was 1.7x the resident shards).
+    touches counts in its resident set (on CPU the load's peak rose by 2.6x the rank's shards).
     """
     shard_blocks(model)
     model.to_empty(device=device)
