@@ -151,6 +151,16 @@ def test_plan_under_torchrun_shows_the_per_rank_micro_batch():
     assert plan["micro_batch_size"] == 2  # 8 rows / (2 micro-batches x 2 ranks)
 
 
+def run_script(tmp_path, source, *args):
+    """`source` as a script under torchrun, 2 processes."""
+    script = tmp_path / "script.py"
+    script.write_text(source)
+    return subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+         str(script), *map(str, args)], capture_output=True, text=True, timeout=300, env=ENV,
+    )  # fmt: skip
+
+
 SHARDED_TEACHER = """
 import sys
 import torch
@@ -182,15 +192,102 @@ print("sharded at rest")
 def test_fsdp_teacher_stays_sharded_between_forwards(tmp_path):
     config = ModelConfig.from_name("tiny-teacher").with_(intermediate_size=701)
     save_model(build_model(config, seed=5), tmp_path / "teacher")
-    script = tmp_path / "sharded_teacher.py"
-    script.write_text(SHARDED_TEACHER)
-    proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-         str(script), str(tmp_path / "teacher")], capture_output=True, text=True, timeout=300,
-        env=ENV,
-    )  # fmt: skip
+    proc = run_script(tmp_path, SHARDED_TEACHER, tmp_path / "teacher")
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.count("sharded at rest") == 2
+
+
+TEACHER_MEMORY = """
+import gc
+import sys
+from pathlib import Path
+import torch
+import torch.distributed as dist
+from torch.distributed.tensor import DTensor
+from apr_cli.distill.parallel import load_local_shards, shard_teacher
+from apr_cli.model.checkpoint import load_model
+
+
+def status(key):  # MiB, from this process's /proc/self/status
+    line = next(x for x in open("/proc/self/status") if x.startswith(key + ":"))
+    return int(line.split()[1]) / 1024
+
+
+dist.init_process_group("gloo")
+teacher, _ = load_model(sys.argv[1], device="meta")
+blocks = {name: p.shape for name, p in teacher.model.layers.named_parameters()}
+full_mib = sum(shape.numel() * 4 for shape in blocks.values()) / 2**20
+open("/proc/self/clear_refs", "w").write("5")  # the peak (VmHWM) restarts from here
+before = status("VmRSS")
+load_local_shards(teacher, Path(sys.argv[1]), torch.device("cpu"))
+load_peak = status("VmHWM") - before
+forward = shard_teacher(teacher)
+ids = torch.arange(64).view(2, 32)
+at_rest = status("RssAnon")
+with torch.no_grad():
+    for _ in range(3):
+        forward(ids)
+kept = status("RssAnon") - at_rest
+local = {n: p.to_local() for n, p in teacher.model.layers.named_parameters()}
+local_mib = sum(t.numel() * 4 for t in local.values()) / 2**20
+assert abs(local_mib - full_mib / 2) < 0.01 * full_mib, (local_mib, full_mib)
+# Loading: the resident set grows by this rank's shards, not by the file's pages it read.
+assert load_peak < 1.5 * local_mib, (load_peak, local_mib)
+# After forwards, the gathered weights are freed and given back (glibc kept them before).
+assert kept < 0.5 * local_mib, (kept, local_mib)
+# No whole copy of any block weight is reachable: only this rank's shards hold their bytes
+# (the gathered parameters FSDP2 keeps have empty storage between forwards).
+shapes = {tuple(shape) for shape in blocks.values()}
+whole = {p.untyped_storage().data_ptr() for p in teacher.parameters() if not isinstance(p, DTensor)}
+for obj in gc.get_objects():
+    if isinstance(obj, torch.Tensor) and not isinstance(obj, DTensor) and not obj.is_meta:
+        storage = obj.untyped_storage()
+        if tuple(obj.shape) in shapes and storage.data_ptr() not in whole:
+            assert storage.nbytes() < obj.numel() * obj.element_size(), obj.shape
+print(f"per rank: {local_mib:.0f} of {full_mib:.0f} MiB, load {load_peak:.0f}, kept {kept:.0f}")
+"""
+
+
+def test_fsdp_teacher_memory_per_rank_is_its_shard(tmp_path):
+    """Each rank's resident memory holds half of the teacher's blocks: when loading, and after
+    forwards (no gathered weights kept by the allocator, no whole copy reachable)."""
+    config = ModelConfig.from_name("tiny-teacher").with_(
+        hidden_size=512, intermediate_size=1536, num_attention_heads=8, num_key_value_heads=2,
+        num_hidden_layers=8,
+    )  # fmt: skip
+    save_model(build_model(config, seed=5), tmp_path / "teacher")  # 93 MiB of blocks, fp32
+    proc = run_script(tmp_path, TEACHER_MEMORY, tmp_path / "teacher")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.count("per rank:") == 2, proc.stdout
+
+
+CONVERTED_SHARDS = """
+import sys
+from pathlib import Path
+import torch
+import torch.distributed as dist
+from torch.distributed.tensor import DTensor
+from apr_cli.distill.parallel import load_local_shards
+from apr_cli.model.checkpoint import load_model
+
+dist.init_process_group("gloo")
+folder = Path(sys.argv[1])  # bf16 weights, read into an fp32 teacher
+sharded, _ = load_model(str(folder), dtype=torch.float32, device="meta")
+load_local_shards(sharded, folder, torch.device("cpu"))
+whole = dict(load_model(str(folder), dtype=torch.float32)[0].named_parameters())
+for name, p in sharded.named_parameters():
+    got = p.full_tensor() if isinstance(p, DTensor) else p
+    assert got.dtype == torch.float32 and torch.equal(got, whole[name]), name
+print("converted")
+"""
+
+
+def test_fsdp_teacher_shards_convert_the_checkpoint_dtype(tmp_path):
+    config = ModelConfig.from_name("tiny-teacher").with_(intermediate_size=701)
+    save_model(build_model(config, seed=3).to(torch.bfloat16), tmp_path / "teacher")
+    proc = run_script(tmp_path, CONVERTED_SHARDS, tmp_path / "teacher")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.count("converted") == 2
 
 
 def test_fsdp_gathers_bf16_weights_and_reduces_fp32_gradients_on_cuda():
