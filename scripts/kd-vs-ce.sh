@@ -3,7 +3,8 @@
 # (seeded with the first seed), then per seed the same student (same init, batches and steps)
 # once with `apr distill` from that teacher and once with `apr train` on the labels alone;
 # `apr eval` all of them on held-out files; print the table (scripts/kd-vs-ce-table.py).
-# See docs/experiment.md.
+# With TEACHER_CACHE, also per seed a student distilled from a teacher cache of each kind
+# (docs/teacher-cache.md). See docs/experiment.md.
 #
 # Usage: scripts/kd-vs-ce.sh OUT_DIR [SEED...]          (seeds default to 0 1)
 # Environment:
@@ -11,6 +12,9 @@
 #   CORPUS=DIR       .py files to use instead of the standard library
 #   EVIDENCE=DIR     also copy the small files (manifests, logs, evals, table) there
 #   TEMPERATURE, ALPHA   the KD settings (default 1.0 and 0.9)
+#   TEACHER_CACHE="topk hidden"   cache kinds (either or both): after the teacher, build its cache
+#                    of every training window (apr teacher-cache build, top-k at K=32), then per
+#                    seed one more KD student from each cache, same settings as the online one
 #   APR, PYTHON      the apr command and the Python that finds the standard library
 #   PLAN_ONLY=1      print the plan (what runs, how many steps, rough time) and stop
 # apr lets idle OpenMP threads sleep (OMP_WAIT_POLICY=PASSIVE), so a machine shared with other
@@ -57,6 +61,13 @@ esac
 # Chosen on this train/val split; docs/experiment.md lists what else was tried.
 temperature=${TEMPERATURE:-1.0}
 alpha=${ALPHA:-0.9}
+read -ra caches <<<"${TEACHER_CACHE:-}"
+for kind in "${caches[@]}"; do
+    if [[ $kind != topk && $kind != hidden ]]; then
+        echo "error: TEACHER_CACHE kinds are topk and hidden, got ${kind}" >&2
+        exit 2
+    fi
+done
 
 corpus=${CORPUS:-$("$python" -c 'import sysconfig; print(sysconfig.get_paths()["stdlib"])')}
 start=$SECONDS
@@ -93,6 +104,8 @@ total_s=$((shards_s + teacher_s + ${#seeds[@]} * seed_s))
 say "plan (SIZE=${SIZE:-full}): ${#files[@]} .py files from ${corpus}, seeds ${seeds[*]}"
 say "  1. shards in ${data}: BPE vocab ${vocab}, ${val_fraction} held out (kept if built)"
 say "  2. teacher: apr train tiny-teacher, ${teacher_steps} steps of ${batch} x ${seq_len}, evaluated"
+[[ ${#caches[@]} -eq 0 ]] || say "     and its cache (${caches[*]}) of every training window"
+say "     (one already in ${out}/teacher is kept, or continued if it was stopped)"
 say "  3. per seed: apr distill (T=${temperature}, alpha=${alpha}) and apr train,"
 say "     ${student_steps} steps each, both evaluated"
 say "  4. the table of validation losses"
@@ -116,11 +129,27 @@ evaluate() { # MODEL JSON_OUT
         --json >"$2"
 }
 
+# A teacher already in OUT is kept if it completed ("nothing to do") and continued if it was
+# stopped, so the script can run again on the same OUT (say, with TEACHER_CACHE) without
+# retraining it. Another SIZE needs another OUT.
 say "2. training the teacher"
-"$apr" train --model tiny-teacher "${common[@]}" --steps "$teacher_steps" --lr "$teacher_lr" \
-    --seed "${seeds[0]}" --out "$out/teacher"
+if [[ -f $out/teacher/dispatch.json ]]; then
+    "$apr" train --resume "$out/teacher" --steps "$teacher_steps"
+else
+    "$apr" train --model tiny-teacher "${common[@]}" --steps "$teacher_steps" \
+        --lr "$teacher_lr" --seed "${seeds[0]}" --out "$out/teacher"
+fi
 teacher=$out/teacher/student-trained.apr
 evaluate "$teacher" "$out/eval-teacher.json"
+# The students read shuffled windows from the whole epoch, so a cache holds all of them.
+cache_info=()
+for kind in "${caches[@]}"; do
+    say "2. teacher cache (${kind})"
+    "$apr" teacher-cache build --teacher "$teacher" --dataset "$data/train" --seq-len "$seq_len" \
+        --kind "$kind" --temperature "$temperature" --out "$out/cache-$kind"
+    "$apr" teacher-cache inspect "$out/cache-$kind" --json >"$out/cache-$kind.json"
+    cache_info+=("cache-$kind.json")
+done
 for seed in "${seeds[@]}"; do
     run=$out/seed-$seed
     say "3. seed ${seed}: distilled and cross-entropy students"
@@ -130,8 +159,14 @@ for seed in "${seeds[@]}"; do
         --temperature "$temperature" --alpha "$alpha" --out "$run/kd"
     "$apr" train --model tiny-student "${common[@]}" --steps "$student_steps" \
         --lr "$student_lr" --seed "$seed" --out "$run/ce"
-    evaluate "$run/kd/student-trained.apr" "$run/eval-kd.json"
-    evaluate "$run/ce/student-trained.apr" "$run/eval-ce.json"
+    for kind in "${caches[@]}"; do
+        "$apr" distill --teacher-cache "$out/cache-$kind" --student tiny-student "${common[@]}" \
+            --steps "$student_steps" --lr "$student_lr" --seed "$seed" \
+            --temperature "$temperature" --alpha "$alpha" --out "$run/kd-$kind"
+    done
+    for role in kd ce "${caches[@]/#/kd-}"; do
+        evaluate "$run/$role/student-trained.apr" "$run/eval-$role.json"
+    done
 done
 
 say "4. table"
@@ -146,6 +181,8 @@ if [[ -n ${EVIDENCE:-} ]]; then
         cd "$out"
         cp --parents experiment.json table.md data/train/meta.json data/val/meta.json \
             eval-teacher.json teacher/dispatch.json teacher/launch-victory.txt \
-            seed-*/eval-*.json seed-*/*/dispatch.json seed-*/*/launch-victory.txt "$evidence"
+            teacher/metrics.jsonl seed-*/eval-*.json seed-*/*/dispatch.json \
+            seed-*/*/launch-victory.txt seed-*/*/metrics.jsonl \
+            "${cache_info[@]}" "$evidence"
     )
 fi

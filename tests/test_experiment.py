@@ -197,7 +197,9 @@ def test_experiment_script_prints_its_plan_first(tmp_path, size, steps):
 
 @pytest.mark.slow
 def test_experiment_script_end_to_end(tmp_path):
-    """scripts/kd-vs-ce.sh at SIZE=tiny on a few stdlib modules: every step and the table."""
+    """scripts/kd-vs-ce.sh at SIZE=tiny on a few stdlib modules: every step and the table; run
+    again on the same OUT with TEACHER_CACHE=topk, it keeps the teacher and adds a student
+    distilled from a top-k cache."""
     stdlib = Path(sysconfig.get_paths()["stdlib"])
     corpus = tmp_path / "corpus"
     corpus.mkdir()
@@ -215,18 +217,27 @@ def test_experiment_script_end_to_end(tmp_path):
         "APR": str(Path(sys.executable).parent / "apr"),
         "PYTHON": sys.executable,
     }
-    proc = subprocess.run(
-        ["bash", ROOT / "scripts" / "kd-vs-ce.sh", out, "7"],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    phases = [line for line in proc.stderr.splitlines() if line.startswith("kd-vs-ce: ")]
-    assert phases[0].startswith("kd-vs-ce: plan (SIZE=tiny)") and "seeds 7" in phases[0]
-    assert phases[6].startswith("kd-vs-ce:   rough time on an idle 2-core CPU: ")
-    assert [p.split()[1] for p in phases[7:]] == ["1.", "2.", "3.", "4."]
+
+    def script(**extra):
+        proc = subprocess.run(
+            ["bash", ROOT / "scripts" / "kd-vs-ce.sh", out, "7"],
+            env={**env, **extra},
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        phases = [line for line in proc.stderr.splitlines() if line.startswith("kd-vs-ce: ")]
+        assert phases[0].startswith("kd-vs-ce: plan (SIZE=tiny)") and "seeds 7" in phases[0]
+        assert any(p.startswith("kd-vs-ce:   rough time on an idle 2-core CPU: ") for p in phases)
+        # The phases as they start ("kd-vs-ce: 2. ..."), not the plan's indented lines.
+        steps = [p.split()[1] for p in phases[1:] if not p.startswith("kd-vs-ce:  ")]
+        table = (out / "table.md").read_text()
+        assert table == proc.stdout[proc.stdout.index("| seed |") :]
+        return proc, steps, table
+
+    proc, steps, table = script()
+    assert steps == ["1.", "2.", "3.", "4."]
     meta = json.loads((out / "data" / "val" / "meta.json").read_text())
     train_meta = json.loads((out / "data" / "train" / "meta.json").read_text())
     assert meta["tokenizer_source"].startswith("byte-level BPE") and meta["vocab_size"] <= 512
@@ -245,13 +256,14 @@ def test_experiment_script_end_to_end(tmp_path):
         for role in ("kd", "ce")
     }
     assert first["kd"]["ce_loss"] == first["ce"]["ce_loss"]
+    first_ce = first["kd"]["ce_loss"]
     for path in ("eval-teacher.json", "seed-7/eval-kd.json", "seed-7/eval-ce.json"):
         report = json.loads((out / path).read_text())
         assert report["data"]["path"] == str((out / "data" / "val").resolve())
         assert math.isfinite(report["loss"])
-    table = (out / "table.md").read_text()
-    assert table == proc.stdout[proc.stdout.index("| seed |") :]
     assert table.count("| 7 |") == 3 and "seed 7: CE student's val loss minus" in table
+    assert "| ? |" not in table  # every run's step-1 CE is known
+    assert "cache" not in table
     copied = {p.relative_to(evidence).as_posix() for p in evidence.rglob("*") if p.is_file()}
     assert "seed-7/kd/dispatch.json" in copied and "seed-7/eval-ce.json" in copied
     assert not any(name.endswith((".safetensors", ".bin", ".pt")) for name in copied)
@@ -262,3 +274,21 @@ def test_experiment_script_end_to_end(tmp_path):
     )
     assert regenerated.returncode == 0, regenerated.stderr
     assert regenerated.stdout == table
+
+    teacher = (out / "teacher" / "student-trained.apr" / "model.safetensors").read_bytes()
+    proc, steps, table = script(TEACHER_CACHE="topk")
+    assert steps == ["1.", "2.", "2.", "3.", "4."]
+    assert "nothing to do" in proc.stderr
+    assert (out / "teacher" / "student-trained.apr" / "model.safetensors").read_bytes() == teacher
+    topk = json.loads((out / "seed-7" / "kd-topk" / "dispatch.json").read_text())
+    assert topk["status"] == "completed" and topk["steps"] == runs["kd"]["steps"]
+    assert topk["teacher"]["kind"] == "teacher-cache (topk)"
+    assert topk["teacher"]["spec"] == runs["kd"]["teacher"]["spec"]
+    first = (out / "seed-7" / "kd-topk" / "metrics.jsonl").read_text().splitlines()[0]
+    assert json.loads(first)["ce_loss"] == first_ce
+    assert table.count("| 7 |") == 4 and "| 7 | KD student, top-32 teacher cache" in table
+    assert "seed 7: topk cache student's val loss minus the online-KD student's" in table
+    assert "Cache topk: 130 bytes/token" in table and "| ? |" not in table
+    copied = {p.relative_to(evidence).as_posix() for p in evidence.rglob("*") if p.is_file()}
+    assert {"seed-7/kd-topk/dispatch.json", "seed-7/eval-kd-topk.json", "cache-topk.json"} <= copied
+    assert not any(name.endswith((".safetensors", ".bin", ".pt")) for name in copied)
