@@ -16,6 +16,7 @@ from apr_cli.data.shards import ShardBatchSource, write_shard
 from apr_cli.distill.backend import select_backend
 from apr_cli.distill.losses import distill_loss
 from apr_cli.distill.pipeline import Pipeline, TrainConfig
+from apr_cli.distill.rundir import RunDirectory
 from apr_cli.distill.topk_loss import topk_distill_loss
 from apr_cli.model.checkpoint import load_model, save_model
 from apr_cli.model.config import PRESETS
@@ -122,6 +123,10 @@ def test_distill_from_a_cache_records_it_in_the_manifest(inputs, tmp_path):
     result = distill(inputs, tmp_path, "topk", "--temperature", "2", "--shuffle")
     assert result.exit_code == 0, result.output
     assert "Distillation complete" in result.output
+    steps = [line for line in result.output.splitlines() if line.startswith("step ")]
+    assert len(steps) == 3 and all(" kd=" in line and " ce=" in line for line in steps)
+    history = RunDirectory(tmp_path / "run").loss_history(with_teacher=True)
+    assert history.kd is not None and len(history.kd) == 3  # loss.png draws the KD curve
     manifest = json.loads((tmp_path / "run" / "dispatch.json").read_text())
     teacher = manifest["teacher"]
     assert teacher["kind"] == "teacher-cache (topk)" and "files" in teacher["fingerprint"]

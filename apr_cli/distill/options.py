@@ -190,6 +190,11 @@ class DistillOptions:
     train: TrainConfig = field(default_factory=TrainConfig)
     on_policy: OnPolicyOptions = field(default_factory=OnPolicyOptions)
 
+    @property
+    def distills(self) -> bool:
+        """A teacher scores the student: a teacher model or a teacher cache standing in for it."""
+        return self.teacher is not None or self.teacher_cache is not None
+
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         for name in ("dataset", "val_dataset", "teacher_cache"):

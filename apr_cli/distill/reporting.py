@@ -40,7 +40,7 @@ class RunReporter:
         self.emit, self.on_progress, self.watch = emit, on_progress, watch
 
     def on_step(self, metrics: StepMetrics) -> None:
-        line = format_step(metrics, with_teacher=self.pipeline.teacher is not None)
+        line = format_step(metrics, with_teacher=self.options.distills)
         self.emit(line)
         self.run.log(line)
         self.run.append_metrics(metrics)

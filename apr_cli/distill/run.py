@@ -240,11 +240,11 @@ def train_run(
             )
             reporter.checkpoint()
             if stop.signum is not None:
-                command = "train" if p.teacher is None else "distill"
+                command = "distill" if p.options.distills else "train"
                 raise RunInterrupted(stop.signum, run.path, pipeline.step, command)
         save_student(pipeline, run.student_dir)
         if run.writable:
-            write_loss_plot(run.path / LOSS_PLOT, run.loss_history(p.teacher is not None))
+            write_loss_plot(run.path / LOSS_PLOT, run.loss_history(p.options.distills))
         final = (
             f"{p.verb} complete: initial_loss={result.initial_loss:.4f} -> "
             f"final_loss={result.final_loss:.4f} ({result.steps} steps, {result.wall_s:.1f} s)"
@@ -260,7 +260,7 @@ def train_run(
         if pipeline.losses and run.writable:
             manifest.update(summary(pipeline.result()), **watched(watch))
         plot = bool(pipeline.losses) and run.writable
-        raise finish_failed(run, manifest, e, pipeline.step, plot, p.teacher is not None) from None
+        raise finish_failed(run, manifest, e, pipeline.step, plot, p.options.distills) from None
     finally:
         if watch is not None:
             watch.close()
