@@ -127,18 +127,21 @@ def auto_chunk_tokens(vocab: int, dtype: torch.dtype = torch.float32) -> int:
     return max(1, budget // (4 * vocab))
 
 
-def _rowdot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """sum(a * b, -1) for (n, V) tensors, without an (n, V) temporary."""
-    return torch.bmm(a.unsqueeze(1), b.unsqueeze(2)).view(-1)  # (n,)
+def _rowdot(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """sum(a * b, -1) for (n, V) tensors, the product written into `out` (which may be a or b).
+
+    Two passes; a batched (1, V) @ (V, 1) matmul takes no buffer but costs about six.
+    """
+    return torch.mul(a, b, out=out).sum(-1)  # (n,)
 
 
-def _log_sum_exp(z: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
-    """logsumexp of each row of z (n, V) given probs = softmax(z), by two reads, no exp.
+def _log_sum_exp(probs: torch.Tensor, z_max: torch.Tensor) -> torch.Tensor:
+    """logsumexp of each row of z (n, V) from probs = softmax(z) and z's row maxima, one read.
 
     At the largest logit lse = z - log softmax(z), and that probability is >= 1/V, so its log
     is as exact as the probability itself.
     """
-    return z.amax(-1) - probs.amax(-1).log()  # (n,)
+    return z_max - probs.amax(-1).log()  # (n,)
 
 
 def block_loss(
@@ -162,37 +165,43 @@ def block_loss(
       reverse KL: d/dz = q * (log q - log q_t - KL(q || q_t))
       JSD:        d/dz = (1 - beta) * q * (log q - log m - KL(q || m)), m = beta q_t + (1 - beta) q
     and d loss / d logits = alpha * T * d/dz + (1 - alpha) * (p - onehot(label)). Each
-    distribution costs one exp per logit (a softmax); log-sum-exps come from two reads.
+    distribution costs one softmax and its log-sum-exp a read of the row maxima of the softmax
+    (z's own maxima are those of the logits over T).
     """
     grad, work = scratch
     rows = torch.arange(labels.shape[0], device=labels.device)
     y = labels.clamp(min=0)  # ignored rows get any finite gradient; their weight is 0
+    top = logits.amax(-1)  # (n,)
     p = torch.softmax(logits, -1, out=grad)
-    ce = _log_sum_exp(logits, p) - logits[rows, y]  # (n,)
+    ce = _log_sum_exp(p, top) - logits[rows, y]  # (n,)
     ce_weight = 1.0 if teacher is None else 1.0 - alpha  # with no teacher the loss is CE alone
-    grad.mul_(ce_weight)
+    if ce_weight != 1.0:
+        grad.mul_(ce_weight)
     grad[rows, y] -= ce_weight  # the CE part: (1 - alpha) * (p - onehot)
     if teacher is None:
         return grad, torch.zeros_like(ce), ce
     q_t = torch.softmax(teacher, -1, out=work)  # (n, V)
-    lse_t = _log_sum_exp(teacher, q_t)  # (n,)
+    lse_t = _log_sum_exp(q_t, teacher.amax(-1))  # (n,)
     z = logits.div_(temperature) if temperature != 1.0 else logits  # (n, V) student
+    # Division by T > 0 is monotonic in floating point too, so z's maxima are exactly these.
+    z_max = top / temperature if temperature != 1.0 else top
     if kind == "forward-kl":  # KL = sum q_t (z_t - z) - lse_t + lse
-        kd = _rowdot(q_t, teacher.sub_(z)) - lse_t
+        kd = _rowdot(q_t, teacher.sub_(z), out=teacher) - lse_t
         q = torch.softmax(z, -1, out=teacher)
-        kd += _log_sum_exp(z, q)
+        kd += _log_sum_exp(q, z_max)
         d_z = q.sub_(q_t)
     elif kind == "reverse-kl":  # KL = sum q (z - z_t) - lse + lse_t
         q = torch.softmax(z, -1, out=work)
-        shift = _log_sum_exp(z, q) - lse_t  # log q - log q_t = z - z_t - shift
+        shift = _log_sum_exp(q, z_max) - lse_t  # log q - log q_t = z - z_t - shift
         diff = torch.sub(z, teacher, out=teacher)
-        kd = _rowdot(q, diff) - shift
-        d_z = diff.sub_((kd + shift).unsqueeze(1)).mul_(q)
+        d_z = torch.mul(q, diff, out=logits)  # q (z - z_t); z is no longer needed
+        kd = d_z.sum(-1) - shift
+        d_z.addcmul_(q, (kd + shift).unsqueeze(1), value=-1.0)
     elif kind == "jsd":
         if not 0.0 < beta < 1.0:
             raise ValueError(f"jsd beta must be in (0, 1), got {beta}")
         q = torch.softmax(z, -1, out=work)
-        log_q = z.sub_(_log_sum_exp(z, q).unsqueeze(1))
+        log_q = z.sub_(_log_sum_exp(q, z_max).unsqueeze(1))
         log_qt = teacher.sub_(lse_t.unsqueeze(1))
         log_b, log_1b = math.log(beta), math.log(1.0 - beta)
         # u = log(beta q_t / m) and w = log((1 - beta) q / m) are <= 0, so their exps cannot
@@ -201,11 +210,12 @@ def block_loss(
         u, w = log_qt.sub_(log_m), log_q.sub_(log_m)
         m = log_m.exp_()
         e_u = u.exp_()
-        beta_kl_t = _rowdot(m, e_u.xlogy_(e_u)) - beta * log_b  # e^u u as e^u log e^u
+        beta_kl_t = _rowdot(m, e_u.xlogy_(e_u), out=e_u) - beta * log_b  # e^u u as e^u log e^u
         mixed_q = torch.exp(w, out=e_u).mul_(m)  # (1 - beta) q
-        kl_s = _rowdot(mixed_q, w) / (1.0 - beta) - log_1b
+        d_z = torch.mul(mixed_q, w, out=m)  # (1 - beta) q w; m is no longer needed
+        kl_s = d_z.sum(-1) / (1.0 - beta) - log_1b
         kd = beta_kl_t + (1.0 - beta) * kl_s
-        d_z = w.sub_((log_1b + kl_s).unsqueeze(1)).mul_(mixed_q)
+        d_z.addcmul_(mixed_q, (log_1b + kl_s).unsqueeze(1), value=-1.0)
     else:
         raise ValueError(f"unknown loss {kind!r}; choose from {', '.join(LOSS_KINDS)}")
     grad.add_(d_z, alpha=alpha * temperature)
