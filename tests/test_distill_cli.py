@@ -181,6 +181,8 @@ def test_same_model_warns(tmp_path):
         (["--loss", "mse"], "--loss"),
         (["--teacher", "/no/such/model"], "/no/such/model"),
         (["--device", "tpu"], "--device"),
+        (["--vocab-size", "-1"], "--vocab-size"),
+        (["--vocab-size", "100000"], "--vocab-size"),  # more rows than the models share
     ],
 )
 def test_bad_input_is_one_line_and_nonzero(tmp_path, args, needle):

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from torch.distributed.tensor import DTensor
 
-from apr_cli.data.shards import ShardBatchSource
+from apr_cli.data.shards import ShardBatchSource, read_meta
 from apr_cli.data.source import BatchSource, SyntheticBatchSource
 from apr_cli.distill.backend import Backend, seed_everything, select_backend
 from apr_cli.distill.losses import auto_chunk_tokens
@@ -241,15 +241,13 @@ def loss_vocab_size(
         return asked
     known = []
     if options.dataset is not None:
-        from apr_cli.data.shards import read_meta
-
         meta_vocab = (read_meta(options.dataset) or {}).get("vocab_size")
         if isinstance(meta_vocab, int) and meta_vocab > 0:
             known.append(meta_vocab)
     for info in (teacher_info, student_info):
         folder = None if info is None or info["path"] is None else Path(info["path"])
         if folder is not None and (folder / "tokenizer.json").is_file():
-            from apr_cli.data.tokenizer import load_tokenizer
+            from apr_cli.data.tokenizer import load_tokenizer  # the tokenizers package, if needed
 
             known.append(load_tokenizer(folder / "tokenizer.json").vocab_size)
     return min([shared, *known])
