@@ -59,6 +59,25 @@ def test_plan_of_the_7b_preset_builds_no_weights():
     print(f"7B plan: {peak_mib:.0f} MiB peak RSS, {elapsed:.1f} s wall (shared machine)")
 
 
+# torch.distributed's FSDP, checkpoint and tensor packages take seconds to import; a command that
+# runs in one process must not pay for them.
+DISTRIBUTED_PACKAGES = """
+import sys
+from apr_cli.distill import pipeline, prepare, run
+
+heavy = ("torch.distributed.fsdp", "torch.distributed.checkpoint", "torch.distributed.tensor")
+print(",".join(sorted(name for name in sys.modules if name.startswith(heavy))))
+"""
+
+
+def test_the_run_machinery_imports_no_fsdp_or_distributed_checkpoint():
+    proc = subprocess.run(
+        [sys.executable, "-c", DISTRIBUTED_PACKAGES], capture_output=True, text=True
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == ""
+
+
 def test_prepare_reads_checkpoint_headers_only(tmp_path):
     cfg = ModelConfig.from_name("tiny-student")
     save_model(build_model(cfg, seed=3), tmp_path / "student")
