@@ -1,6 +1,9 @@
 """Tokenizers, the shard builder and the `apr shards` commands, end to end on tiny text."""
 
 import json
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -201,6 +204,26 @@ def test_cli_build_and_inspect(src, tmp_path):
     )
     report = json.loads(result.stdout)
     assert report["sample"] == "héll" and report["max_id"] == 256  # é is two bytes
+
+
+def test_cli_build_shows_a_byte_bar_per_pass_on_a_terminal_only(src, tmp_path):
+    argv = ["shards", "build", str(src), "--train-bpe", "300", "--out"]
+    piped = runner.invoke(app, [*argv, str(tmp_path / "piped")])
+    assert piped.exit_code == 0, piped.output
+    assert piped.stderr == ""
+    # TTY_COMPATIBLE=1 is what rich, hence every bar of apr's, takes for a terminal (it has to
+    # be set when the process starts: rich decides whether to redraw when its console is made).
+    shown = subprocess.run(
+        [sys.executable, "-m", "apr_cli", *argv, str(tmp_path / "shown")],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "TTY_COMPATIBLE": "1"},
+    )
+    assert shown.returncode == 0, shown.stderr
+    total = sum(f.path.stat().st_size for f in collect_inputs([str(src)]))
+    for phase in ("training tokenizer", "tokenizing"):  # one line per pass over the input
+        assert f"{phase} " in shown.stderr
+    assert f"{total}/{total} bytes" in shown.stderr
 
 
 def test_cli_inspect_vocab_failure_exits_1_with_one_line(src, tmp_path):

@@ -103,6 +103,15 @@ def test_saved_student_gives_the_in_memory_logits(tmp_path):
         torch.testing.assert_close(reloaded(ids), prepared.student.eval()(ids), rtol=0, atol=0)
 
 
+def test_a_step_row_holds_only_what_the_run_measured(tmp_path):
+    """A run that never samples leaves out the sampling columns (no `"kind": null`)."""
+    r = apr("distill", "--steps", 2, "--out", tmp_path / "run", *FAST)
+    assert r.exit_code == 0, r.output
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    columns = {"step", "loss", "kd_loss", "ce_loss", "lr", "grad_norm", "tokens_per_s"}
+    assert [set(row) for row in rows] == [columns | {"sec_per_step"}] * 2
+
+
 def test_dataset_run_trains_on_shards(tmp_path):
     data = tmp_path / "shards"
     data.mkdir()

@@ -202,6 +202,7 @@ import gc
 import sys
 from pathlib import Path
 import torch
+import torch._dynamo  # fully_shard imports it on first use: code, not the teacher's memory
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 from apr_cli.distill.parallel import load_local_shards, shard_teacher

@@ -59,6 +59,30 @@ def test_plan_of_the_7b_preset_builds_no_weights():
     print(f"7B plan: {peak_mib:.0f} MiB peak RSS, {elapsed:.1f} s wall (shared machine)")
 
 
+# torch.distributed's FSDP, checkpoint and tensor packages take seconds to import (so does
+# torch._dynamo, which imports them); a plan or a single-process run must not pay for them.
+PLAN_THEN_LIST_IMPORTS = """
+import sys
+from apr_cli.cli import main
+
+try:
+    main(["distill", "--plan"])
+except SystemExit as e:
+    assert e.code == 0, e.code
+heavy = ("torch.distributed.fsdp", "torch.distributed.checkpoint", "torch.distributed.tensor")
+print("loaded:", ",".join(sorted(name for name in sys.modules if name.startswith(heavy))))
+"""
+
+
+def test_a_plan_imports_no_fsdp_or_distributed_checkpoint():
+    proc = subprocess.run(
+        [sys.executable, "-c", PLAN_THEN_LIST_IMPORTS], capture_output=True, text=True
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "memory estimate" in proc.stdout  # the plan was rendered
+    assert proc.stdout.splitlines()[-1] == "loaded: "
+
+
 def test_prepare_reads_checkpoint_headers_only(tmp_path):
     cfg = ModelConfig.from_name("tiny-student")
     save_model(build_model(cfg, seed=3), tmp_path / "student")

@@ -2,27 +2,17 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
-import sys
-from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
 from rich.markup import escape
-from rich.progress import (
-    BarColumn,
-    DownloadColumn,
-    Progress,
-    TaskID,
-    TextColumn,
-    TimeRemainingColumn,
-)
 
 from apr_cli.commands.common import fail, stderr, user_errors
 from apr_cli.commands.options import flag
+from apr_cli.commands.progress import ProgressBar
 
 if TYPE_CHECKING:
     from apr_cli.data.tokenizer import TextTokenizer
@@ -94,7 +84,7 @@ def build(
     with user_errors():
         files = collect_inputs(inputs)
         total = sum(f.path.stat().st_size for f in files)
-        with _progress_bar(total) as progress:
+        with ProgressBar(stderr, "tokenizing", total, stderr.is_terminal, in_bytes=True) as bar:
             summary = build_shards(
                 inputs,
                 files,
@@ -105,7 +95,7 @@ def build(
                 val_fraction=val_fraction,
                 shard_tokens=shard_tokens,
                 force=force,
-                progress=progress,
+                progress=bar.advance,
             )
     stdout.print(f"wrote {escape(summary['out'])}")
     stdout.print(f"tokenizer: {escape(summary['tokenizer'])} (vocab {summary['vocab_size']})")
@@ -117,24 +107,6 @@ def build(
         stdout.print("val: none (too few documents for --val-fraction)")
     if summary["skipped_binary_files"]:
         stdout.print(f"skipped {summary['skipped_binary_files']} binary files")
-
-
-@contextlib.contextmanager
-def _progress_bar(total: int) -> Iterator[Callable[[str, int], None] | None]:
-    """A rich bar over input bytes, one line per phase, shown only when stderr is a terminal."""
-    if not sys.stderr.isatty():
-        yield None
-        return
-    columns = (TextColumn("{task.description}"), BarColumn(), DownloadColumn())
-    with Progress(*columns, TimeRemainingColumn(), console=stderr, transient=True) as bar:
-        tasks: dict[str, TaskID] = {}
-
-        def advance(phase: str, nbytes: int) -> None:
-            if phase not in tasks:
-                tasks[phase] = bar.add_task(phase, total=total)
-            bar.advance(tasks[phase], nbytes)
-
-        yield advance
 
 
 @app.command()

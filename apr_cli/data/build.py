@@ -22,8 +22,8 @@ from apr_cli.fsutil import follow_umask
 TOKENIZER_FILE = "tokenizer.json"
 SPLITS = ("train", "val")
 FLUSH_TOKENS = 1 << 20  # tokens buffered per split before a write: 4 MB
-# Reported to the progress callback: (phase, bytes of input files just finished).
-Progress = Callable[[str, int], None]
+# Reported to the progress callback: (bytes of input files just finished, phase).
+Progress = Callable[[int, str], None]
 
 
 @dataclass(frozen=True)
@@ -204,7 +204,7 @@ def _build(
                 yield index, text
                 index += 1
             if progress:
-                progress(phase, file.path.stat().st_size)
+                progress(file.path.stat().st_size, phase)
 
     if train_bpe_vocab is not None:
         # Trained on the training documents only, so validation text stays unseen.

@@ -1,4 +1,9 @@
-"""Data parallelism: the student wrapped in DDP or sharded with FSDP2, and full state dicts."""
+"""Data parallelism: the student wrapped in DDP or sharded with FSDP2, and full state dicts.
+
+torch.distributed's FSDP, checkpoint and tensor packages are imported inside the functions that
+use them: together they take seconds to import, which every `apr distill --plan` and every
+single-process run would otherwise pay for nothing.
+"""
 
 from __future__ import annotations
 
@@ -8,24 +13,11 @@ import json
 import math
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
-    CheckpointWrapper,
-    checkpoint_wrapper,
-)
-from torch.distributed.checkpoint.state_dict import (
-    StateDictOptions,
-    get_model_state_dict,
-    get_optimizer_state_dict,
-    set_model_state_dict,
-    set_optimizer_state_dict,
-)
-from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
-from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 
 from apr_cli.distill.backend import Backend
@@ -35,7 +27,9 @@ from apr_cli.errors import AprError
 from apr_cli.model.checkpoint import SAFETENSORS_DTYPES, read_headers, weight_files
 from apr_cli.model.mlp import RouterStats
 
-FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
+if TYPE_CHECKING:
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
 M_MMAP_THRESHOLD = -3  # mallopt's parameter number, from glibc's malloc.h
 
 
@@ -80,6 +74,11 @@ class StudentLoss(nn.Module):
 def checkpoint_blocks(student: nn.Module) -> None:
     """Keep only each block's input for backward and recompute the rest (activation
     checkpointing). The wrapper leaves parameter names and state dicts unchanged."""
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
+        CheckpointWrapper,
+        checkpoint_wrapper,
+    )
+
     layers = student.model.layers
     for i, block in enumerate(layers):
         if not isinstance(block, CheckpointWrapper):
@@ -91,6 +90,8 @@ def wrap(module: StudentLoss, backend: Backend, parallel: str) -> nn.Module:
     if backend.world_size == 1:
         return module
     if parallel == "fsdp":
+        from torch.distributed.fsdp import fully_shard
+
         mp = mixed_precision(backend)
         for block in module.student.model.layers:
             fully_shard(block, mp_policy=mp)
@@ -102,6 +103,8 @@ def wrap(module: StudentLoss, backend: Backend, parallel: str) -> nn.Module:
 def mixed_precision(backend: Backend) -> MixedPrecisionPolicy:
     """On CUDA, gathered student weights in bf16 for compute and gradients reduced in fp32 (the
     fp32 shards stay the optimizer's master copy); on the CPU everything stays fp32."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
     if backend.autocast_dtype is None:
         return MixedPrecisionPolicy()
     return MixedPrecisionPolicy(param_dtype=backend.autocast_dtype, reduce_dtype=torch.float32)
@@ -126,6 +129,8 @@ def shard_teacher(teacher: nn.Module) -> nn.Module:
     gather is issued as each block starts, so communication overlaps compute. Without the root
     above them each block would be its own FSDP2 root, and a root keeps its gathered weights.
     """
+    from torch.distributed.fsdp import fully_shard
+
     shard_blocks(teacher)
     fix_mmap_threshold()
     whole = {p for name, p in teacher.named_parameters() if not name.startswith("model.layers.")}
@@ -148,6 +153,8 @@ def fix_mmap_threshold() -> None:
 
 def shard_blocks(teacher: nn.Module) -> None:
     """fully_shard each block once (on the meta device too), prefetching the next in forward."""
+    from torch.distributed.fsdp import FSDPModule, fully_shard
+
     blocks = list(teacher.model.layers)
     if isinstance(blocks[0], FSDPModule):  # already sharded by load_local_shards
         return
@@ -165,6 +172,8 @@ def load_local_shards(model: nn.Module, folder: Path, device: torch.device) -> N
     The rows are read with plain file reads, not through a memory map: every mapped page a rank
     touches counts in its resident set (on CPU the load's peak rose by 2.6x the rank's shards).
     """
+    from torch.distributed.tensor import DTensor
+
     shard_blocks(model)
     model.to_empty(device=device)
     found = read_headers(weight_files(folder))
@@ -237,23 +246,33 @@ def any_rank(flag: bool, backend: Backend) -> bool:
 
 def full_model_state(model: nn.Module) -> dict[str, torch.Tensor]:
     """The student's full weights on the CPU (collective; empty on ranks > 0 under FSDP)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
     prefix = "student."
-    state = get_model_state_dict(model, options=FULL)
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    state = get_model_state_dict(model, options=options)
     return {k.removeprefix(prefix): v for k, v in state.items()}
 
 
 def load_full_model_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
     full = {f"student.{k}": v for k, v in state.items()}
     set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True))
 
 
 def full_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
-    return get_optimizer_state_dict(model, optimizer, options=FULL)
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return get_optimizer_state_dict(model, optimizer, options=options)
 
 
 def load_full_optimizer_state(
     model: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any]
 ) -> None:
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
     set_optimizer_state_dict(
         model, optimizer, state, options=StateDictOptions(full_state_dict=True)
     )

@@ -9,7 +9,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch.distributed.tensor import DTensor
 
 from apr_cli.data.shards import ShardBatchSource, read_meta
 from apr_cli.data.source import BatchSource, SyntheticBatchSource
@@ -283,6 +282,8 @@ def same_model(a: Qwen2ForCausalLM, b: Qwen2ForCausalLM, a_info: dict, b_info: d
 
 def full(t: torch.Tensor) -> torch.Tensor:
     """A whole tensor, gathered from its shards (collective) when the teacher is sharded."""
+    from torch.distributed.tensor import DTensor  # seconds to import: only when compared
+
     return t.full_tensor() if isinstance(t, DTensor) else t
 
 

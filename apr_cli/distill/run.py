@@ -38,7 +38,7 @@ from apr_cli.distill.watch import RunWatch
 from apr_cli.errors import AprError, from_os_error, os_reason
 from apr_cli.model.checkpoint import save_model
 from apr_cli.model.config import ModelConfig
-from apr_cli.model.qwen2 import Qwen2ForCausalLM
+from apr_cli.model.qwen2 import Qwen2ForCausalLM, meta_model
 
 TEACHER_WARMED = "teacher-warmed.apr"
 
@@ -282,8 +282,7 @@ def watched(watch: RunWatch | None) -> dict[str, Any]:
 
 def model_from_state(config: ModelConfig, state: dict[str, torch.Tensor]) -> Qwen2ForCausalLM:
     """A plain model holding `state`, without a second initialisation of the weights."""
-    with torch.device("meta"):
-        model = Qwen2ForCausalLM(config)
+    model = meta_model(config)
     model.load_state_dict(state, assign=True)
     return model
 

@@ -239,6 +239,9 @@ class RunDirectory:
         record.pop("steps")
         if record["aux_loss"] is None:  # a dense student has no router
             record.pop("aux_loss")
+        if record["kind"] is None:  # a run that never samples has no sampling columns
+            for key in ("kind", "generated", "sample_s"):
+                record.pop(key)
         self.append_record(record)
 
     def append_record(self, record: dict[str, Any]) -> None:

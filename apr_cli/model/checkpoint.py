@@ -18,7 +18,7 @@ from apr_cli.errors import AprError
 from apr_cli.fsutil import follow_umask
 from apr_cli.model.config import PRESETS, ModelConfig
 from apr_cli.model.gguf import find_gguf, load_gguf
-from apr_cli.model.qwen2 import Qwen2ForCausalLM, build_model, count_parameters
+from apr_cli.model.qwen2 import Qwen2ForCausalLM, build_model, count_parameters, meta_model
 
 CONFIG = "config.json"
 WEIGHTS = "model.safetensors"
@@ -61,8 +61,7 @@ def load_model(
         kind, folder = "local", path
     elif spec in PRESETS:
         if torch.device(device).type == "meta":
-            with torch.device("meta"):
-                model = Qwen2ForCausalLM(PRESETS[spec]).to(dtype or torch.float32)
+            model = meta_model(PRESETS[spec]).to(dtype or torch.float32)
         else:
             model = build_model(PRESETS[spec], seed).to(device=device, dtype=dtype or torch.float32)
         return model, describe(model, spec, "preset", None)
@@ -219,8 +218,7 @@ def load_checkpoint(
     cfg = read_config(folder)
     found = read_headers(weight_files(folder))
     check_header_sizes(cfg, found, folder)
-    with torch.device("meta"):
-        model = Qwen2ForCausalLM(cfg)
+    model = meta_model(cfg)
     expected = {k: list(v.shape) for k, v in model.state_dict().items()}
     missing = [k for k in expected if k not in found]
     if missing:
@@ -380,7 +378,6 @@ def init_student_from_teacher(teacher: Qwen2ForCausalLM, layers: list[int]) -> Q
             parts[2] = str(layers.index(teacher_layer))
         # clone: training the student must not move the teacher's weights.
         state[".".join(parts)] = src[name].detach().clone()
-    with torch.device("meta"):
-        student = Qwen2ForCausalLM(cfg)
+    student = meta_model(cfg)
     student.load_state_dict(state, assign=True)
     return student.train(teacher.training)

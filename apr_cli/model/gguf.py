@@ -16,7 +16,7 @@ import torch
 
 from apr_cli.errors import AprError
 from apr_cli.model.config import ModelConfig
-from apr_cli.model.qwen2 import Qwen2ForCausalLM
+from apr_cli.model.qwen2 import Qwen2ForCausalLM, meta_model
 
 SUFFIX = ".gguf"
 ARCHITECTURES = {
@@ -175,8 +175,7 @@ def load_gguf(
             f"{path}: tensor {bad[0].name} has quant type {bad[0].tensor_type.name}, "
             f"which is not supported (supported: {', '.join(QUANT_TYPES)})"
         )
-    with torch.device("meta"):
-        model = Qwen2ForCausalLM(cfg)
+    model = meta_model(cfg)
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     sources = {name: gguf_name(name) for name in expected}
     used = {g for g, _ in sources.values()}

@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from apr_cli.model.config import ModelConfig
 from apr_cli.model.mlp import MLP, RouterStats, SparseMoE
@@ -214,6 +215,23 @@ class KVCache:
 def build_model(cfg: ModelConfig, seed: int = 0) -> Qwen2ForCausalLM:
     """A freshly initialised model in fp32 on the CPU."""
     return Qwen2ForCausalLM(cfg).init_weights(seed)
+
+
+def meta_model(cfg: ModelConfig) -> Qwen2ForCausalLM:
+    """The model's shapes on the meta device, for checks, plans and weights assigned later."""
+    with torch.device("meta"), SkipInit():
+        return Qwen2ForCausalLM(cfg)
+
+
+class SkipInit(TorchFunctionMode):
+    """torch.nn.init's fills as no-ops. A meta tensor has no values to fill, and filling one
+    imports torch._dynamo (and with it FSDP and DTensor): seconds of every plan."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if getattr(func, "__module__", None) == "torch.nn.init":
+            return kwargs["tensor"]
+        return func(*args, **kwargs)
 
 
 def count_parameters(model: nn.Module) -> int:
