@@ -141,7 +141,9 @@ def reference_step(student, teacher, optimizer, source, device, low: torch.dtype
     return loss.item()
 
 
-def make_step(variant: str, device: torch.device, teacher_config: ModelConfig, dtype: str):
+def make_step(
+    variant: str, device: torch.device, teacher_config: ModelConfig, dtype: str, loss_chunk: int
+):
     """A zero-argument callable running one training step of `variant`, and the two models."""
     student, teacher = build_model(STUDENT, seed=0), build_model(teacher_config, seed=1)
     source = RandomTokens(VOCAB)
@@ -156,7 +158,9 @@ def make_step(variant: str, device: torch.device, teacher_config: ModelConfig, d
         return step, student, teacher
     backend = Backend(device, low)
     teacher.to(backend.teacher_dtype)
-    config = TrainConfig(**{**TRAIN.to_dict(), "compile": variant == "ours-compiled"})
+    config = TrainConfig(
+        **{**TRAIN.to_dict(), "compile": variant == "ours-compiled", "loss_chunk": loss_chunk}
+    )
     pipeline = Pipeline(student, teacher, config, source, backend)
     return (lambda: pipeline.train_step().loss), student, teacher
 
@@ -166,7 +170,7 @@ def measure(variant: str, args) -> dict:
     device = torch.device(args.device)
     peaks = {name: matmul_peak(device, dtype) for name, dtype in DTYPES.items()}
     teacher_config = TEACHERS[args.teacher]
-    step, student, teacher = make_step(variant, device, teacher_config, args.dtype)
+    step, student, teacher = make_step(variant, device, teacher_config, args.dtype, args.loss_chunk)
     start = time.perf_counter()
     losses = [step()]  # warm-up (and, compiled, the compile)
     first_step_s = time.perf_counter() - start
@@ -196,6 +200,7 @@ def child(args, variant: str) -> dict:
     """Measure one variant in a fresh process, so that no other allocation is counted."""
     cmd = [sys.executable, __file__, "--child", variant, "--device", args.device]
     cmd += ["--steps", str(args.steps), "--teacher", str(args.teacher), "--dtype", args.dtype]
+    cmd += ["--loss-chunk", str(args.loss_chunk)]
     result = subprocess.run(cmd, check=True, capture_output=True, text=True)
     return json.loads(result.stdout.splitlines()[-1])
 
@@ -208,6 +213,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3, help="timed steps after one warm-up")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--compile", action="store_true", help="also time our compiled step")
+    parser.add_argument("--loss-chunk", type=int, default=0, help="ours: tokens per loss block")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     args.dtype = args.dtype or ("bf16" if args.device == "cuda" else "fp32")

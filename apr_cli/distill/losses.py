@@ -114,11 +114,13 @@ def kd_loss(
 
 # A block's fp32 logits take at most this many bytes; the loss holds four such (N, V) buffers
 # (five in bf16). Measured on a 2-core AMX CPU at Qwen's vocab (docs/performance.md): fp32
-# matmuls against the (V, C) weight reach their rate at ~160 rows (96 MiB: 165 tokens), AMX bf16
-# ones need ~500 (256 MiB: 441 tokens), where each block's bf16 weight-gradient product added
-# into the fp32 sum also costs less per token. Hidden sizes do not enter: per block and per
-# token, matmul and that addition both grow with C alike.
-BLOCK_LOGITS_BYTES = {torch.float32: 96 * 2**20, torch.bfloat16: 256 * 2**20}
+# matmuls against the (V, C) weight reach their rate at ~160 rows (96 MiB: 165 tokens); AMX bf16
+# ones keep gaining up to ~500 rows, and each block's bf16 weight-gradient product added into
+# the fp32 sum costs less per token in larger blocks (loss fwd+bwd 9.1 ms per token at 441,
+# 10.1 at 330, 12.9 at 192), but 441-token blocks held a bf16 step at 0.34x the plain loop's
+# memory, so bf16 takes 192 MiB (330 tokens) for <= 0.3x. Hidden sizes do not enter: per block
+# and per token, matmul and that addition both grow with C alike.
+BLOCK_LOGITS_BYTES = {torch.float32: 96 * 2**20, torch.bfloat16: 192 * 2**20}
 
 
 def auto_chunk_tokens(vocab: int, dtype: torch.dtype = torch.float32) -> int:
