@@ -27,13 +27,15 @@ def inputs(v_s=40, v_t=40, seed=0):
     return s_h, s_w, t_h, t_w, y
 
 
-def both(s_h, s_w, t_h, t_w, y, chunk, **kw):
+def both(s_h, s_w, t_h, t_w, y, chunk, compile_blocks=False, **kw):
     """(parts, hidden grad, weight grad) from the chunked loss and from the direct formula."""
     out = []
     for chunked in (True, False):
         h, w = s_h.clone().requires_grad_(), s_w.clone().requires_grad_()
         if chunked:
-            parts = distill_loss(h, w, t_h, t_w, y, chunk_tokens=chunk, **kw)
+            parts = distill_loss(
+                h, w, t_h, t_w, y, chunk_tokens=chunk, compile_blocks=compile_blocks, **kw
+            )
         else:
             t_logits = None if t_h is None else F.linear(t_h, t_w)
             parts = kd_loss(F.linear(h, w), t_logits, y, **kw)

@@ -185,7 +185,7 @@ def distill(
             rich_help_panel=ON_POLICY,
         ),
     ] = False,
-    compile: Compile = False,
+    compile: Compile = None,
     activation_checkpointing: ActivationCheckpointing = False,
     vocab_size: VocabSize = TrainConfig.vocab_size,
     fsdp: Fsdp = False,

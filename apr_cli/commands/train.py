@@ -70,7 +70,7 @@ def train(
     device: Device = DistillOptions.device,
     dtype: Dtype = DistillOptions.dtype,
     loss_chunk: LossChunk = TrainConfig.loss_chunk,
-    compile: Compile = False,
+    compile: Compile = None,
     activation_checkpointing: ActivationCheckpointing = False,
     vocab_size: VocabSize = TrainConfig.vocab_size,
     fsdp: Fsdp = False,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -20,6 +21,18 @@ class LossParts:
     loss: torch.Tensor
     kd: torch.Tensor
     ce: torch.Tensor
+
+
+@dataclass(frozen=True)
+class LossOptions:
+    """A run's loss settings, as `distill_loss` and `topk_distill_loss` take them."""
+
+    kind: str = "forward-kl"
+    temperature: float = 3.0
+    alpha: float = 0.7  # weight of the KD term
+    beta: float = 0.5  # jsd mixture weight
+    chunk_tokens: int = 0  # tokens per block; 0: auto_chunk_tokens
+    vocab_size: int = 0  # rows the loss covers; 0: every shared row
 
 
 def token_divergence(
@@ -246,6 +259,7 @@ class _ChunkedDistillLoss(torch.autograd.Function):
         alpha: float,
         beta: float,
         mm_dtype: torch.dtype,
+        compile_blocks: bool,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         need_h, need_w = ctx.needs_input_grad[:2]
         device = student_hidden.device
@@ -268,6 +282,7 @@ class _ChunkedDistillLoss(torch.autograd.Function):
         # fp32 so that the sum over blocks does not round at each step under bf16.
         grad_w = torch.zeros_like(student_weight, dtype=torch.float32) if need_w else None
         kd_sum = ce_sum = torch.zeros((), device=device)
+        block_fn = compiled_block_loss() if compile_blocks else block_loss
         # Every dtype below is explicit: autocast would run the row dots and the (n,) sums in
         # bf16 too, and the casts it inserts cost more than the dots.
         with torch.autocast(device.type, enabled=False):
@@ -278,7 +293,7 @@ class _ChunkedDistillLoss(torch.autograd.Function):
                 _matmul_into(logits, h, weight.T, low)
                 if has_teacher:
                     _matmul_into(teacher, teacher_hidden[block], teacher_w.T, low)
-                grad, kd, ce = block_loss(
+                grad, kd, ce = block_fn(
                     logits,
                     teacher if has_teacher else None,
                     scratch,
@@ -315,7 +330,15 @@ class _ChunkedDistillLoss(torch.autograd.Function):
         grad_h, grad_w = ctx.saved_tensors
         # In place: a scaled copy of the (V, C) weight gradient would double its memory.
         grads = [None if g is None else g.mul_(grad_loss) for g in (grad_h, grad_w)]
-        return *grads, *([None] * 10)
+        return *grads, *([None] * 11)
+
+
+@functools.cache
+def compiled_block_loss():
+    """`block_loss` through torch.compile, once per process: on a GPU inductor fuses its passes
+    over each (block, V) row into a few kernels. Shapes are static until a second block size
+    (a batch's last, shorter block) makes them dynamic."""
+    return torch.compile(block_loss)
 
 
 def _matmul_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, low: torch.Tensor | None):
@@ -355,6 +378,7 @@ def distill_loss(
     beta: float = 0.5,
     chunk_tokens: int = 0,
     vocab_size: int = 0,
+    compile_blocks: bool = False,
 ) -> LossParts:
     """`kd_loss` from final hidden states (B, T, C) and the (V, C) output projections, chunked.
 
@@ -362,6 +386,8 @@ def distill_loss(
     included, so memory grows with the block rather than with tokens x vocab. `kd` and `ce`
     carry no gradient. `vocab_size` (when > 0) drops the rows at or beyond it from both
     softmaxes, and from the student's gradient: a checkpoint's padding rows past its tokenizer.
+    `compile_blocks` runs each block through `compiled_block_loss` (for GPUs: on the CPU it
+    measured slower than eager, docs/performance.md).
     """
     vocab = student_weight.shape[0]
     if teacher_hidden is not None:
@@ -391,5 +417,6 @@ def distill_loss(
         alpha,
         beta,
         mm_dtype,
+        compile_blocks,
     )
     return LossParts(loss=loss, kd=kd, ce=ce)

@@ -36,7 +36,7 @@ class TrainConfig:
     beta: float = 0.5  # jsd mixture weight
     seed: int = 0
     loss_chunk: int = 0  # tokens per loss block; 0 picks a size that bounds logits memory
-    compile: bool = False  # torch.compile the student's and teacher's forward
+    compile: bool | None = None  # torch.compile models (and GPU loss blocks); None: auto
     activation_checkpointing: bool = False  # recompute student block activations in backward
     vocab_size: int = 0  # rows the loss covers (the real vocabulary); 0: every shared row
 

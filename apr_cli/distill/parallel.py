@@ -12,6 +12,7 @@ import ctypes
 import json
 import math
 from collections.abc import Iterator
+from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO
 
@@ -21,7 +22,8 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from apr_cli.distill.backend import Backend
-from apr_cli.distill.losses import distill_loss
+from apr_cli.distill.compile_policy import CompileChoice
+from apr_cli.distill.losses import LossOptions, distill_loss
 from apr_cli.distill.topk_loss import TopKTeacher, topk_distill_loss
 from apr_cli.errors import AprError
 from apr_cli.model.checkpoint import SAFETENSORS_DTYPES, read_headers, weight_files
@@ -40,10 +42,13 @@ class StudentLoss(nn.Module):
     projection (tied to the embeddings) is gathered and its gradient synchronised like any other.
     """
 
-    def __init__(self, student: nn.Module, compile: bool = False):
+    def __init__(self, student: nn.Module, compiled: CompileChoice | None = None):
         super().__init__()
         self.student = student
-        self.hidden = torch.compile(student.hidden_states) if compile else student.hidden_states
+        self.hidden = student.hidden_states
+        if compiled is not None and compiled.models:
+            self.hidden = torch.compile(student.hidden_states)
+        self.compile_blocks = compiled is not None and compiled.loss_blocks
 
     def forward(
         self,
@@ -51,7 +56,7 @@ class StudentLoss(nn.Module):
         labels: torch.Tensor,
         teacher: torch.Tensor | TopKTeacher | None,
         teacher_weight: torch.Tensor | None,
-        loss_options: dict[str, Any],
+        loss: LossOptions,
     ) -> torch.Tensor:
         """(4,) tensor: loss, kd, ce, and the router's load-balancing loss (0 when dense).
 
@@ -63,9 +68,17 @@ class StudentLoss(nn.Module):
         hidden = self.hidden(inputs, router=router)  # (B, T, C)
         weight = self.student.output_weight
         if isinstance(teacher, TopKTeacher):
-            parts = topk_distill_loss(hidden, weight, teacher, labels, **loss_options)
+            parts = topk_distill_loss(hidden, weight, teacher, labels, **asdict(loss))
         else:
-            parts = distill_loss(hidden, weight, teacher, teacher_weight, labels, **loss_options)
+            parts = distill_loss(
+                hidden,
+                weight,
+                teacher,
+                teacher_weight,
+                labels,
+                **asdict(loss),
+                compile_blocks=self.compile_blocks,
+            )
         aux = router.loss(parts.loss.device)
         loss = parts.loss + self.student.config.router_aux_loss_coef * aux
         return torch.stack([loss, parts.kd, parts.ce, aux.detach()])

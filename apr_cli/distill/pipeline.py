@@ -6,7 +6,7 @@ import math
 import random
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
@@ -16,7 +16,8 @@ from torch import nn
 from apr_cli.data.source import BatchSource, SyntheticBatchSource
 from apr_cli.distill import parallel as parallel_lib
 from apr_cli.distill.backend import Backend, select_backend
-from apr_cli.distill.losses import IGNORE_INDEX
+from apr_cli.distill.compile_policy import choose_compile, fall_back_to_eager
+from apr_cli.distill.losses import IGNORE_INDEX, LossOptions
 from apr_cli.distill.on_policy import CORPUS, STUDENT_SAMPLES, TEACHER_SAMPLES, SampledBatches
 from apr_cli.distill.options import TrainConfig
 from apr_cli.distill.topk_loss import TopKTeacher
@@ -105,7 +106,10 @@ class Pipeline:
             teacher.to(device).eval().requires_grad_(False)
         if self.sharded_teacher:
             self.teacher_forward = parallel_lib.shard_teacher(teacher)
-        if teacher is not None and config.compile:
+        self.compiled = choose_compile(config.compile, self.backend.device, config.steps)
+        if self.compiled.any and config.compile is None:
+            fall_back_to_eager()
+        if teacher is not None and self.compiled.models:
             self.teacher_forward = torch.compile(self.teacher_forward)
         self.source = source or SyntheticBatchSource(
             student.config.vocab_size, rank=self.backend.rank, world_size=world
@@ -114,7 +118,7 @@ class Pipeline:
             parallel_lib.checkpoint_blocks(student)
         # Parameters are wrapped (DDP) or sharded (FSDP2) before the optimizer sees them.
         self.model = parallel_lib.wrap(
-            parallel_lib.StudentLoss(student, config.compile), self.backend, parallel
+            parallel_lib.StudentLoss(student, self.compiled), self.backend, parallel
         )
         params = list(self.model.parameters())
         self.optimizer = torch.optim.AdamW(
@@ -128,19 +132,21 @@ class Pipeline:
             # per-operation loop over the (V, C) embedding (docs/performance.md).
             fused=True,
         )
-        self.loss_options = {
-            "kind": config.loss,
-            "temperature": config.temperature,
-            "alpha": config.alpha,
-            "beta": config.beta,
-            "chunk_tokens": config.loss_chunk,
-            "vocab_size": config.vocab_size,
-        }
+        self.loss_options = LossOptions(
+            kind=config.loss,
+            temperature=config.temperature,
+            alpha=config.alpha,
+            beta=config.beta,
+            chunk_tokens=config.loss_chunk,
+            vocab_size=config.vocab_size,
+        )
         # The student's own samples are scored by the teacher alone: CE on them would teach the
         # student its own mistakes. Teacher samples keep the run's loss (sequence-level KD).
-        self.sampled_loss_options = dict(self.loss_options)
+        self.sampled_loss_options = self.loss_options
         if sampler is not None and sampler.kind == STUDENT_SAMPLES:
-            self.sampled_loss_options.update(kind=sampler.options.on_policy_loss, alpha=1.0)
+            self.sampled_loss_options = replace(
+                self.loss_options, kind=sampler.options.on_policy_loss, alpha=1.0
+            )
         self.step = 0  # optimizer steps taken
         self.losses: list[float] = []  # one per step taken
         self.train_seconds = 0.0  # time spent in steps, summed over resumed segments

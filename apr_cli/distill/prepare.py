@@ -13,6 +13,7 @@ import torch
 from apr_cli.data.shards import ShardBatchSource, read_meta
 from apr_cli.data.source import BatchSource, SyntheticBatchSource
 from apr_cli.distill.backend import Backend, seed_everything, select_backend
+from apr_cli.distill.compile_policy import choose_compile
 from apr_cli.distill.losses import auto_chunk_tokens
 from apr_cli.distill.on_policy import PromptSource, kv_cache_bytes, load_prompts
 from apr_cli.distill.options import DistillOptions
@@ -341,6 +342,7 @@ def plan(p: Prepared) -> dict[str, Any]:
         if p.prompts is None
         else {**p.options.on_policy.to_dict(), "prompt_source": p.prompts.describe()},
         "backend": p.backend.describe(),
+        "compile": choose_compile(cfg.compile, p.backend.device, cfg.steps).to_dict(),
         "hyperparameters": cfg.to_dict(),
         "tokens_per_step": cfg.batch_size * cfg.seq_len,
         "micro_batch_size": cfg.batch_size // (cfg.grad_accum * p.backend.world_size),
