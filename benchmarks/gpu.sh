@@ -67,7 +67,7 @@ section matmul 30
 section qwen 60
 section tests 60
 section loss 40
-section step 80
+section step 140
 section generate 40
 section cache 50
 section smoke 60
