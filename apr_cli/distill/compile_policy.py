@@ -7,8 +7,9 @@
   buffers), so `--compile` on the CPU compiles the models only.
 - On a GPU, on for runs of at least AUTO_MIN_STEPS steps: inductor fuses the small element-wise
   kernels of the bodies and the ~20 passes of each loss block over (block, V) into a few, and
-  compilation (tens of seconds) is repaid within a few hundred steps. A compilation error
-  under `auto` falls back to eager instead of ending a run nobody asked to compile.
+  compilation (tens of seconds) should be repaid within a few hundred steps. This half is not
+  measured yet; benchmarks/gpu.sh's step section times it. A compilation error under `auto`
+  falls back to eager instead of ending a run nobody asked to compile.
 """
 
 from __future__ import annotations
