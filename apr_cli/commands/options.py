@@ -95,6 +95,7 @@ Compile = Annotated[
     bool | None,
     typer.Option(
         "--compile/--no-compile",
+        metavar="",
         help="torch.compile the models' forward passes, and on a GPU the loss blocks. "
         "Default: on for GPU runs of 500+ steps, off on the CPU (where it measured no faster).",
         rich_help_panel=TRAINING,
