@@ -5,9 +5,12 @@ import json
 import pytest
 import torch
 from test_chunked_loss import assert_same, both, inputs
+from test_pipeline import models
 
 from apr_cli.cli import main
-from apr_cli.distill.compile_policy import AUTO_MIN_STEPS, choose_compile
+from apr_cli.distill import pipeline
+from apr_cli.distill.compile_policy import AUTO_MIN_STEPS, CompileChoice, choose_compile
+from apr_cli.distill.pipeline import Pipeline, TrainConfig
 
 CPU, GPU = torch.device("cpu"), torch.device("cuda", 0)  # a device object needs no GPU
 
@@ -51,3 +54,22 @@ def test_compiled_loss_blocks_match_the_direct_formula(kind):
     kw = {"kind": kind, "temperature": 2.0, "alpha": 0.6, "beta": 0.3}
     chunked, direct = both(*inputs(), 5, **kw, compile_blocks=True)
     assert_same(chunked, direct)
+
+
+@pytest.mark.slow
+def test_a_run_compiled_as_on_a_gpu_trains_like_eager(monkeypatch):
+    # What auto compiles on a GPU (both models and the loss blocks), run here on the CPU.
+    config = TrainConfig(steps=3, batch_size=4, seq_len=8, warmup=0)
+    runs = []
+    for choice in (CompileChoice(False, False, "eager"), CompileChoice(True, True, "as on a GPU")):
+        monkeypatch.setattr(pipeline, "choose_compile", lambda *_, choice=choice: choice)
+        student, teacher = models(0)
+        pipe = Pipeline(student, teacher, config)
+        pipe.train()
+        runs.append((pipe.losses, student.state_dict()))
+    (eager_losses, eager_weights), (losses, weights) = runs
+    assert losses == pytest.approx(eager_losses, rel=1e-5)
+    # Compiled kernels round differently (~1e-6), and AdamW's normalised update lets that move a
+    # weight by a few percent of one step's lr (3e-3); a wrong gradient would move it by ~lr.
+    for name, value in weights.items():
+        torch.testing.assert_close(value, eager_weights[name], rtol=1e-3, atol=1e-4)
