@@ -59,7 +59,8 @@ def test_compiled_loss_blocks_match_the_direct_formula(kind):
 @pytest.mark.slow
 def test_a_run_compiled_as_on_a_gpu_trains_like_eager(monkeypatch):
     # What auto compiles on a GPU (both models and the loss blocks), run here on the CPU.
-    config = TrainConfig(steps=3, batch_size=4, seq_len=8, warmup=0)
+    # compile=True, not auto: auto would switch torch._dynamo's errors off for the whole session.
+    config = TrainConfig(steps=3, batch_size=4, seq_len=8, warmup=0, compile=True)
     runs = []
     for choice in (CompileChoice(False, False, "eager"), CompileChoice(True, True, "as on a GPU")):
         monkeypatch.setattr(pipeline, "choose_compile", lambda *_, choice=choice: choice)
