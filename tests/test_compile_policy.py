@@ -74,3 +74,4 @@ def test_a_run_compiled_as_on_a_gpu_trains_like_eager(monkeypatch):
     # weight by a few percent of one step's lr (3e-3); a wrong gradient would move it by ~lr.
     for name, value in weights.items():
         torch.testing.assert_close(value, eager_weights[name], rtol=1e-3, atol=1e-4)
+    assert not torch._dynamo.config.suppress_errors  # only auto falls back to eager
