@@ -46,6 +46,23 @@ def test_the_plan_says_what_is_compiled(capsys, flags, expected):
     assert choice | expected == choice  # every expected key has the expected value
 
 
+@pytest.mark.parametrize(
+    "text,flags,reason",
+    [
+        ("compile: false\n", [], "--no-compile"),
+        ("compile: true\n", ["--no-compile"], "--no-compile"),  # the command line wins
+        ("steps: 5\n", [], "auto: off on the CPU"),
+    ],
+)
+def test_a_config_file_holds_all_three_states(tmp_path, capsys, text, flags, reason):
+    config = tmp_path / "run.yaml"
+    config.write_text(text)
+    with pytest.raises(SystemExit) as done:
+        main(["distill", "--device", "cpu", "--plan", "--json", "--config", str(config), *flags])
+    assert done.value.code == 0
+    assert json.loads(capsys.readouterr().out)["compile"]["reason"] == reason
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("kind", ["forward-kl", "reverse-kl", "jsd"])
 def test_compiled_loss_blocks_match_the_direct_formula(kind):

@@ -31,9 +31,6 @@ class CompileChoice:
     def any(self) -> bool:
         return self.models or self.loss_blocks
 
-    def to_dict(self) -> dict:
-        return {"models": self.models, "loss_blocks": self.loss_blocks, "reason": self.reason}
-
 
 def choose_compile(requested: bool | None, device: torch.device, steps: int) -> CompileChoice:
     """What to compile for a run of `steps` steps on `device`; `requested` None means auto."""

@@ -42,13 +42,13 @@ class StudentLoss(nn.Module):
     projection (tied to the embeddings) is gathered and its gradient synchronised like any other.
     """
 
-    def __init__(self, student: nn.Module, compiled: CompileChoice | None = None):
+    def __init__(self, student: nn.Module, compiled: CompileChoice):
         super().__init__()
         self.student = student
         self.hidden = student.hidden_states
-        if compiled is not None and compiled.models:
+        if compiled.models:
             self.hidden = torch.compile(student.hidden_states)
-        self.compile_blocks = compiled is not None and compiled.loss_blocks
+        self.compile_blocks = compiled.loss_blocks
 
     def forward(
         self,
@@ -257,35 +257,38 @@ def any_rank(flag: bool, backend: Backend) -> bool:
     return bool(t.item())
 
 
+def full_state_options(cpu_offload: bool = True) -> Any:
+    """StateDictOptions for whole (unsharded) state dicts, gathered to the CPU when saving."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(full_state_dict=True, cpu_offload=cpu_offload)
+
+
 def full_model_state(model: nn.Module) -> dict[str, torch.Tensor]:
     """The student's full weights on the CPU (collective; empty on ranks > 0 under FSDP)."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
     prefix = "student."
-    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    state = get_model_state_dict(model, options=options)
+    state = get_model_state_dict(model, options=full_state_options())
     return {k.removeprefix(prefix): v for k, v in state.items()}
 
 
 def load_full_model_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+    from torch.distributed.checkpoint.state_dict import set_model_state_dict
 
     full = {f"student.{k}": v for k, v in state.items()}
-    set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True))
+    set_model_state_dict(model, full, options=full_state_options(cpu_offload=False))
 
 
 def full_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
 
-    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    return get_optimizer_state_dict(model, optimizer, options=options)
+    return get_optimizer_state_dict(model, optimizer, options=full_state_options())
 
 
 def load_full_optimizer_state(
     model: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any]
 ) -> None:
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+    from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
 
-    set_optimizer_state_dict(
-        model, optimizer, state, options=StateDictOptions(full_state_dict=True)
-    )
+    set_optimizer_state_dict(model, optimizer, state, options=full_state_options(cpu_offload=False))

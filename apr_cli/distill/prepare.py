@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -342,7 +342,7 @@ def plan(p: Prepared) -> dict[str, Any]:
         if p.prompts is None
         else {**p.options.on_policy.to_dict(), "prompt_source": p.prompts.describe()},
         "backend": p.backend.describe(),
-        "compile": choose_compile(cfg.compile, p.backend.device, cfg.steps).to_dict(),
+        "compile": asdict(choose_compile(cfg.compile, p.backend.device, cfg.steps)),
         "hyperparameters": cfg.to_dict(),
         "tokens_per_step": cfg.batch_size * cfg.seq_len,
         "micro_batch_size": cfg.batch_size // (cfg.grad_accum * p.backend.world_size),
