@@ -81,6 +81,9 @@ class TensorBoardSink:
     def log(self, step: int, scalars: dict[str, float]) -> None:
         for name, value in scalars.items():
             self.writer.add_scalar(name, value, global_step=step)
+        # Handed to the OS each step: a killed run otherwise loses what the writer still held
+        # (up to 120 s of events), steps before its checkpoint that a resume does not redo.
+        self.writer.flush()
 
     def close(self) -> None:
         self.writer.close()
