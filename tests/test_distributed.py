@@ -246,6 +246,7 @@ for obj in gc.get_objects():
         if tuple(obj.shape) in shapes and storage.data_ptr() not in whole:
             assert storage.nbytes() < obj.numel() * obj.element_size(), obj.shape
 print(f"per rank: {local_mib:.0f} of {full_mib:.0f} MiB, load {load_peak:.0f}, kept {kept:.0f}")
+dist.destroy_process_group()
 """
 
 
@@ -280,6 +281,7 @@ for name, p in sharded.named_parameters():
     got = p.full_tensor() if isinstance(p, DTensor) else p
     assert got.dtype == torch.float32 and torch.equal(got, whole[name]), name
 print("converted")
+dist.destroy_process_group()  # else gloo's threads can abort the exit (seen once in 5 suites)
 """
 
 
